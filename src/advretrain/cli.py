@@ -1,0 +1,153 @@
+"""The `advretrain` command. Bad input ends with one line, `error: <what> ; <fix>`, and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from . import __version__
+from .checkpoint import load_model
+from .config import DataConfig, TrainJob, build_config, to_yaml_dict
+from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
+from .data.download import REMOTES, download, md5sum
+from .device import resolve_device
+from .errors import AdvretrainError
+from .io import write_yaml
+from .models import build_model
+from .train import evaluate, train
+
+log = logging.getLogger("advretrain")
+
+
+def load_split(cfg: DataConfig, split: str) -> ImageDataset:
+    """A split of the configured dataset, with the configured stratified subset applied."""
+    data = load_dataset(cfg.dataset, split, cfg.root, cfg.image_size)
+    per_class = cfg.train_per_class if split == "train" else cfg.test_per_class
+    return data.stratified(per_class) if per_class else data
+
+
+def fresh_dir(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="advretrain")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, warnings only.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Does retraining a classifier on adversarial images defend it, and against which attacks?"""
+    ctx.obj = {"debug": debug, "quiet": quiet}
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@cli.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder; rerun with it to resume.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Overrides the config's device.")
+@click.argument("overrides", nargs=-1)
+@click.pass_context
+def train_cmd(
+    ctx: click.Context,
+    config_path: str | None,
+    out: str | None,
+    device: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Train a classifier. OVERRIDES are section.key=value, e.g. train.epochs=5 data.dataset=cifar10."""
+    job = build_config(TrainJob, config_path, (*overrides, *([f"device={device}"] if device else [])))
+    out_dir = Path(out) if out else fresh_dir("train")
+    dev = resolve_device(job.device)
+    train_set, test_set = load_split(job.data, "train"), load_split(job.data, "test")
+    write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model.name, train_set.num_classes, train_set.image_size)
+    log.info(
+        "training %s on %s (%d images, %d classes) on %s → %s",
+        job.model.name,
+        train_set.source,
+        len(train_set),
+        train_set.num_classes,
+        dev,
+        out_dir,
+    )
+    result = train(model, train_set, job.train, dev, out_dir, test_set, progress=not ctx.obj["quiet"])
+    click.echo(
+        f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); model: {out_dir / 'model.safetensors'}"
+    )
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(), help="model.safetensors or a training folder.")
+@click.option("--data", "dataset", default="cifar10-sample", show_default=True, help="Dataset name or path.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "val"]))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
+def evaluate_cmd(
+    checkpoint: str, dataset: str, split: str, data_root: str | None, device: str, batch_size: int
+) -> None:
+    """Top-1 accuracy of a trained model on a dataset split."""
+    model = load_model(checkpoint, resolve_device(device))
+    data = load_dataset(dataset, split, data_root, model.spec.image_size)
+    if data.num_classes > model.spec.num_classes:
+        raise AdvretrainError(
+            f"{dataset} has {data.num_classes} classes but the model predicts {model.spec.num_classes}; "
+            "evaluate on the dataset it was trained for"
+        )
+    click.echo(
+        f"accuracy {evaluate(model, data.images, data.labels, batch_size):.4f} on {len(data)} images of {data.source}"
+    )
+
+
+@cli.command("datasets")
+@click.option("--data-root", "root", type=click.Path(file_okay=False), help="Where named datasets lie.")
+@click.option(
+    "--download",
+    "to_download",
+    type=click.Choice(sorted(REMOTES)),
+    multiple=True,
+    help="Download (and verify) a named dataset.",
+)
+def datasets_cmd(root: str | None, to_download: tuple[str, ...]) -> None:
+    """What is found where, verified: image counts, classes and archive checksums."""
+    for name in to_download:
+        download(REMOTES[name], data_root(root))
+    click.echo(f"data root: {data_root(root)}")
+    for name in NAMED:
+        try:
+            path = resolve(name, root, fetch=False)
+            train_set, test_set = load_dataset(name, "train", root), load_dataset(name, "test", root)
+        except AdvretrainError as exc:
+            click.echo(f"  {name:15s} missing: {exc}")
+            continue
+        remote = REMOTES.get(name)
+        check = ""
+        if remote and path.name == remote.filename:
+            check = ", md5 ok" if md5sum(path) == remote.md5 else ", md5 MISMATCH (download again)"
+        click.echo(
+            f"  {name:15s} {path}: {len(train_set)} train / {len(test_set)} test, "
+            f"{train_set.num_classes} classes, {train_set.image_size}px{check}"
+        )
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AdvretrainError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

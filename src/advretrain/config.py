@@ -1,0 +1,140 @@
+"""Every hyperparameter in one typed place, with the paper's default (or ours) and a one-line reason.
+
+Configs are frozen pydantic models: a YAML file and `section.key=value` overrides set them; an unknown key or an
+out-of-range value is a one-line error that names it (with a "did you mean" for typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(Frozen):
+    dataset: str = Field("cifar10-sample", description="cifar10 | tinyimagenet | cifar10-sample | a path")
+    root: str | None = Field(None, description="where named datasets lie or are downloaded to")
+    image_size: int | None = Field(None, ge=8, description="resize every image to this size; None: keep, all equal")
+    train_per_class: int | None = Field(None, ge=1, description="stratified subset of the training split")
+    test_per_class: int | None = Field(None, ge=1, description="stratified subset of the test split")
+
+
+class ModelConfig(Frozen):
+    name: str = Field("small", description="a key of advretrain.models.MODELS")
+
+
+class TrainConfig(Frozen):
+    # METHOD.md 1.1 (VGG16 on CIFAR-10): SGD, momentum 0.9, wd 5e-4, batch 128, lr 0.05, cosine, ~100 epochs.
+    epochs: int = Field(100, ge=1, description="passes over the training set")
+    batch_size: int = Field(128, ge=1, description="images per SGD step")
+    lr: float = Field(0.05, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 penalty, not applied to BN and biases")
+    schedule: Literal["cosine", "onecycle"] = Field("cosine", description="cosine decay, or linear up then down")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length (epochs)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    crop_padding: int = Field(4, ge=0, description="random-crop padding in pixels (0: no crop)")
+    flip: bool = Field(True, description="random horizontal flips")
+    seed: int = Field(0, description="seeds initialisation, order and augmentation")
+    eval_batch_size: int = Field(1024, ge=1, description="images per forward pass when evaluating")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+
+
+class TrainJob(Frozen):
+    """`advretrain train`: one classifier on one dataset."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    device: Device = "auto"
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["train.epochs=5", "data.dataset=cifar10"]` → nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. train.epochs=5")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the section at `loc` (for the "did you mean" hint)."""
+    model: Any = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(cls, loc), n=1)
+        hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+        return f"unknown config key {where!r}{hint}; remove or correct it"
+    return f"config {where}: {err['msg']} (got {err.get('input')!r}); fix the value"
+
+
+def build_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Defaults ← YAML file ← overrides, validated into `cls`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}; check the path") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_explain(cls, exc)) from exc
+
+
+def to_yaml_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,184 @@
+"""The paper's classifiers, taking [0,1] pixels with the normalisation inside, in a plain name → builder registry.
+
+- `vgg16`: the CIFAR VGG16 with BatchNorm (13 conv layers, 512 → classes head), the paper's CIFAR-10 target.
+- `resnet18`: ResNet-18 for 64×64 TinyImageNet (3×3 stem, no max-pool; METHOD.md 1.1); works at 32×32 too.
+- `small`: a fast CNN for CPU work (an airbench-style net: conv → max-pool → BN → GELU blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model before loading its weights."""
+
+    name: str
+    num_classes: int
+    image_size: int = 32
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers, so a checkpoint carries the statistics it was trained with."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """normalise → features (N×D) → linear head (N×classes). Every registry model has this shape."""
+
+    def __init__(self, spec: ModelSpec, features: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.features = features
+        self.head = nn.Linear(feature_dim, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: N×3×H×W in [0,1]
+        logits: torch.Tensor = self.head(self.features(self.normalize(x)))  # N×classes
+        return logits
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.normalize.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
+        self.normalize.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+# VGG16's 13 conv layers; "M" is a 2×2 max-pool (Simonyan & Zisserman, config D).
+VGG16_LAYERS: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
+
+
+def vgg16_features() -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for item in VGG16_LAYERS:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            assert isinstance(item, int)
+            layers += [*conv_bn(c_in, item), nn.ReLU(inplace=True)]
+            c_in = item
+    # 32×32 ends at 1×1; the pool makes 64×64 (2×2 at the end) and other sizes work with the same 512 → C head.
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 512
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*conv_bn(c_in, c_out, stride), nn.ReLU(inplace=True), *conv_bn(c_out, c_out))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet18_features() -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = [
+        *conv_bn(3, 64),
+        nn.ReLU(inplace=True),
+    ]  # 3×3 stem, no max-pool: keeps 64×64 detail
+    c_in = 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 512
+
+
+def small_block(c_in: int, c_out: int) -> list[nn.Module]:
+    # Pool right after the first conv (airbench): halves the cost of BN/GELU and of the second conv.
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(c_out),
+        nn.GELU(),
+        *conv_bn(c_out, c_out),
+        nn.GELU(),
+    ]
+
+
+def small_features(widths: tuple[int, int, int] = (32, 64, 128)) -> tuple[nn.Module, int]:
+    w1, w2, w3 = widths
+    layers: list[nn.Module] = [*conv_bn(3, 24), nn.GELU(), *small_block(24, w1), *small_block(w1, w2)]
+    layers += [*small_block(w2, w3), nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), w3
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
+    "vgg16": vgg16_features,
+    "resnet18": resnet18_features,
+    "small": small_features,
+}
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier:
+    """A registry model mapping float [0,1] N×3×image_size×image_size to N×num_classes logits.
+
+    Example:
+        >>> model = build_model("small", num_classes=10)
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if num_classes < 1 or image_size < 8:
+        raise ConfigError(f"model needs num_classes >= 1 and image_size >= 8, got {num_classes} and {image_size}")
+    features, dim = MODELS[name]()
+    return Classifier(ModelSpec(name, num_classes, image_size), features, dim)
+
+
+def grow_head(model: Classifier, extra_classes: int) -> Classifier:
+    """Add `extra_classes` outputs to the head (e.g. fooling-image classes), keeping the old classes' weights."""
+    old = model.head
+    new = nn.Linear(old.in_features, old.out_features + extra_classes).to(old.weight.device)
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+    model.head = new
+    model.spec = ModelSpec(model.spec.name, new.out_features, model.spec.image_size)
+    return model

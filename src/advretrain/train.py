@@ -1,0 +1,251 @@
+"""Training and evaluation on whole-dataset tensors held on the device, resumable from a per-epoch checkpoint.
+
+Each epoch draws its order and augmentation from a generator seeded by (seed, epoch), so an interrupted run that
+resumes from the checkpoint of epoch k ends with exactly the weights of an uninterrupted run (on the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import save_model
+from .config import TrainConfig
+from .data import ImageDataset
+from .errors import AdvretrainError, CheckpointError
+from .io import save_torch, write_json
+from .models import Classifier
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.safetensors"
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0,255] or float [0,1] → float32 [0,1]."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip of a whole batch at once. images: B×C×H×W, any dtype."""
+    b, _, h, w = images.shape
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(images.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(images.device)
+    mirror = (torch.rand(b, generator=gen) < 0.5).to(images.device) if flip else None
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # B×H source rows
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # B×W source columns
+    if mirror is not None:
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: B×H×W×C
+    return out.permute(0, 3, 1, 2)  # B×C×H×W (channels-last in memory)
+
+
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)  # onecycle: linear decay to zero after the warm-up
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    # No weight decay on BN scales and biases (1-D parameters): decaying them only hurts (Goyal et al. 2017).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> torch.Tensor:
+    """Logits (float32, on the images' device) for uint8 or [0,1] images, in eval mode, batched."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+            with autocast(device, amp):
+                out.append(model(batch).float().to(images.device))
+        return torch.cat(out) if out else torch.empty(0)
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy."""
+    preds = predict(model, images, batch_size).argmax(1)
+    return float((preds.cpu() == labels.cpu()).float().mean())
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 N×C×H×W images in [0,1] units (for the model's Normalize layer)."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).float() / 255  # C×(N·H·W)
+    return flat.mean(1).tolist(), flat.std(1).tolist()
+
+
+def fingerprint(cfg: TrainConfig, model: Classifier, data: ImageDataset) -> str:
+    """Identity of a training job: a checkpoint from another job must never be resumed into this one."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([cfg.model_dump(mode="json"), model.spec.to_dict()], sort_keys=True).encode())
+    digest.update(data.images.contiguous().numpy().tobytes())
+    digest.update(data.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class TrainResult:
+    model: Classifier
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_accuracy: float | None = None
+    resumed_from_epoch: int = 0
+
+
+def _load_state(path: Path, expected: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an untrusted or torn file: weights_only refuses code, anything else is corrupt
+        raise CheckpointError(f"{path}: unreadable training checkpoint ({exc}); delete it to restart") from exc
+    if state.get("fingerprint") != expected:
+        raise CheckpointError(
+            f"{path} belongs to a different training job (config, model or data changed); use a fresh --out"
+        )
+    return state
+
+
+def train(
+    model: Classifier,
+    data: ImageDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    out_dir: Path | None = None,
+    test: ImageDataset | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` on `data`; with `out_dir`, checkpoint each epoch and resume from the last one."""
+    key = fingerprint(cfg, model, data)
+    state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
+    if state is None:
+        model.set_normalization(*channel_stats(data.images))
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch))
+    )
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = state["history"], int(state["epoch"])
+        log.info("resuming training from the checkpoint of epoch %d/%d", start_epoch, cfg.epochs)
+    images, labels = data.images.to(device), data.labels.to(device)
+    for epoch in range(start_epoch, cfg.epochs):
+        history.append(_train_epoch(model, images, labels, cfg, epoch, optimizer, scheduler, progress))
+        if out_dir is not None:
+            save_torch(
+                out_dir / STATE_FILE,
+                {
+                    "fingerprint": key,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                },
+            )
+    model.eval()
+    result = TrainResult(model, history, resumed_from_epoch=start_epoch)
+    if test is not None:
+        result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
+    if out_dir is not None:
+        save_model(out_dir / MODEL_FILE, model)
+        write_json(out_dir / "metrics.json", {"history": history, "test_accuracy": result.test_accuracy})
+    return result
+
+
+def _train_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: bool,
+) -> dict[str, float]:
+    device = images.device
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # per-epoch: resumable mid-run
+    order = torch.randperm(images.shape[0], generator=gen).to(device)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    started = time.perf_counter()
+    batches = range(0, images.shape[0], cfg.batch_size)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
+    for i, start in enumerate(bar):
+        idx = order[start : start + cfg.batch_size]
+        x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * idx.numel()
+        correct += (logits.argmax(1) == labels[idx]).sum()
+        if i % 25 == 0 or start + cfg.batch_size >= images.shape[0]:  # sync with the device only now and then
+            seen = min(start + cfg.batch_size, images.shape[0])
+            mean_loss = float(loss_sum) / seen
+            if not math.isfinite(mean_loss):
+                raise AdvretrainError(f"training diverged (loss {mean_loss}) in epoch {epoch + 1}; lower train.lr")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(correct) / seen:.3f}")
+    seconds = time.perf_counter() - started
+    n = images.shape[0]
+    stats = {"epoch": epoch + 1, "loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
+    log.info(
+        "epoch %d/%d: loss %.4f, train accuracy %.4f, %.0f images/s",
+        epoch + 1,
+        cfg.epochs,
+        stats["loss"],
+        stats["train_accuracy"],
+        n / seconds,
+    )
+    return {**stats, "seconds": seconds, "images_per_second": n / seconds}

@@ -1,0 +1,89 @@
+"""The command line: train → evaluate round trip, resolved config saved, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import write_image_folder
+
+from advretrain.cli import cli
+from advretrain.config import TrainJob, build_config
+from advretrain.errors import ConfigError
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "advretrain", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_evaluate(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_image_folder(data, per_class=8, size=32)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "train",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            f"data.dataset={data}",
+            "train.epochs=1",
+            "train.batch_size=8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["data"]["dataset"] == str(data) and saved["device"] == "cpu"
+    expected = (f"data.dataset={data}", "train.epochs=1", "train.batch_size=8", "device=cpu")
+    assert build_config(TrainJob, out / "config.yaml") == build_config(TrainJob, None, expected)
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out), "--data", str(data)])
+    assert evaluated.exit_code == 0 and "accuracy" in evaluated.output and "on 24 images" in evaluated.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["train", "train.lr=-1"], "config train.lr: Input should be greater than 0"),
+        (["train", "trian.lr=1"], "unknown config key 'trian' (did you mean 'train'?)"),
+        (["train", "data.dataset=/no/such/place"], "dataset '/no/such/place' not found"),
+        (["evaluate", "--checkpoint", "/no/model.safetensors"], "checkpoint /no/model.safetensors does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0]  # one line, no traceback
+    assert message in proc.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    proc = run_cli("--debug", "train", "train.epoch=3")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_datasets_lists_what_is_found() -> None:
+    proc = run_cli("datasets")
+    assert proc.returncode == 0
+    assert "cifar10-sample" in proc.stdout and "5000 train / 1000 test, 10 classes, 32px" in proc.stdout
+    assert "cifar10         missing" in proc.stdout
+
+
+def test_config_file_and_overrides_merge(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.1\nmodel:\n  name: vgg16\n")
+    job = build_config(TrainJob, path, ["train.lr=0.2"])
+    assert (job.train.epochs, job.train.lr, job.model.name, job.train.momentum) == (7, 0.2, "vgg16", 0.9)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        build_config(TrainJob, path)
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        build_config(TrainJob, None, ["train.epochs"])

@@ -1,0 +1,97 @@
+"""Training learns, checkpoints each epoch, and a resumed run ends with exactly the uninterrupted weights."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from advretrain import CheckpointError, ImageDataset, TrainConfig, build_model, load_model, train
+from advretrain.train import augment, evaluate, lr_factor
+
+CPU = torch.device("cpu")
+train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`
+
+
+def blobs(n: int = 96, classes: int = 3, seed: int = 0) -> ImageDataset:
+    """Separable toy images: each class is a distinct colour plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    colours = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220]])[:classes]
+    base = colours[labels][:, :, None, None].expand(n, 3, 32, 32).float()
+    noise = torch.randint(-30, 30, (n, 3, 32, 32), generator=gen).float()
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    return ImageDataset(images, labels, [f"c{i}" for i in range(classes)], "blobs")
+
+
+CFG = TrainConfig(epochs=3, batch_size=16, lr=0.05, schedule="onecycle", warmup_epochs=0.5, eval_batch_size=64)
+
+
+def test_training_learns_a_separable_task(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = blobs()
+    result = train(build_model("small", 3), data, CFG, CPU, tmp_path, test=blobs(seed=1), progress=False)
+    assert result.test_accuracy is not None and result.test_accuracy > 0.9
+    assert len(result.history) == 3 and result.history[-1]["loss"] < result.history[0]["loss"]
+    reloaded = load_model(tmp_path / "model.safetensors")
+    assert evaluate(reloaded, data.images, data.labels) == evaluate(result.model, data.images, data.labels)
+    assert (tmp_path / "train_state.pt").exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = blobs()
+    torch.manual_seed(0)
+    reference = train(build_model("small", 3), data, CFG, CPU, tmp_path / "a", progress=False).model
+
+    real_save = train_module.save_torch
+    saves = []
+
+    def crash_after_two(path: Path, obj: object) -> None:
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the process dies right after epoch 2's checkpoint
+
+    monkeypatch.setattr(train_module, "save_torch", crash_after_two)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train(build_model("small", 3), data, CFG, CPU, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_module, "save_torch", real_save)
+    torch.manual_seed(123)  # a different init must not matter: the checkpoint's weights are loaded
+    resumed = train(build_model("small", 3), data, CFG, CPU, tmp_path / "b", progress=False)
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
+    for (name, a), b in zip(reference.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_of_another_job_is_refused(tmp_path: Path) -> None:
+    data = blobs()
+    train(build_model("small", 3), data, CFG.model_copy(update={"epochs": 1}), CPU, tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="different training job"):
+        train(build_model("small", 3), data, CFG.model_copy(update={"lr": 0.1}), CPU, tmp_path, progress=False)
+
+
+def test_augment_is_a_shifted_window_and_a_mirror() -> None:
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    gen = torch.Generator().manual_seed(0)
+    out = augment(images, padding=2, flip=True, gen=gen)
+    gen = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 5, (2,), generator=gen), torch.randint(0, 5, (2,), generator=gen)
+    mirror = torch.rand(2, generator=gen) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(2):
+        window = padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 6]
+        assert torch.equal(out[i], window.flip(-1) if mirror[i] else window)
+
+
+def test_no_augmentation_is_identity() -> None:
+    images = torch.rand(3, 3, 8, 8)
+    assert torch.equal(augment(images, 0, False, torch.Generator()), images)
+
+
+def test_schedules_warm_up_and_decay_to_zero() -> None:
+    cosine, onecycle = lr_factor("cosine", 100, 10), lr_factor("onecycle", 100, 10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(100) == pytest.approx(0.0, abs=1e-9) and onecycle(55) == pytest.approx(0.5)
