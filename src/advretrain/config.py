@@ -50,7 +50,7 @@ class TrainConfig(Frozen):
     seed: int = Field(0, description="seeds initialisation, order and augmentation")
     eval_batch_size: int = Field(1024, ge=1, description="images per forward pass when evaluating")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format (faster convs on CUDA and CPU)")
 
 
 class TrainJob(Frozen):

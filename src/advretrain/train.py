@@ -157,7 +157,7 @@ def train(
     if state is None:
         model.set_normalization(*channel_stats(data.images))
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
@@ -220,7 +220,7 @@ def _train_epoch(
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
         x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))
-        if device.type == "cuda" and cfg.channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):
             logits = model(x)

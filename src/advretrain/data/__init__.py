@@ -19,8 +19,8 @@ from ..errors import DataError
 from .cache import cache_key, load_cached, store_cached
 from .download import REMOTES, download
 from .formats import PARSERS, Split, detect
-from .trees import open_tree
 from .trees import fingerprint as tree_fingerprint
+from .trees import open_tree
 
 log = logging.getLogger(__name__)
 

@@ -147,16 +147,19 @@ def _lines(tree: Tree, name: str) -> list[list[str]]:
 
 def parse_tinyimagenet(tree: Tree, split: Split, image_size: int | None = None) -> Parsed:
     wnids = [row[0].strip() for row in _lines(tree, "wnids.txt")]
-    words = {row[0]: row[1].split(",")[0].strip() for row in _lines(tree, "words.txt") if len(row) > 1} if tree.has(
-        "words.txt"
-    ) else {}
+    words = (
+        {row[0]: row[1].split(",")[0].strip() for row in _lines(tree, "words.txt") if len(row) > 1}
+        if tree.has("words.txt")
+        else {}
+    )
     index = {w: i for i, w in enumerate(wnids)}
     if split == "train":
         names, labels = [], []
         for wnid in wnids:
             files = [f"train/{wnid}/images/{n}" for n in tree.sub(f"train/{wnid}/images").names() if _is_image(n)]
             if not files:
-                raise DataError(f"{tree.describe(f'train/{wnid}/images')}: empty class folder; the dataset is incomplete")
+                where = tree.describe(f"train/{wnid}/images")
+                raise DataError(f"{where}: empty class folder; the dataset is incomplete")
             names += files
             labels += [index[wnid]] * len(files)
     else:

@@ -72,7 +72,8 @@ class Tree:
 
     def describe(self, name: str) -> str:
         """Human-readable location of a file for error messages."""
-        return f"{self.location}/{self.prefix}{name}" if self._dir is not None else f"{self.location}:{self.prefix}{name}"
+        separator = "/" if self._dir is not None else ":"  # archive members read as archive:member
+        return f"{self.location}{separator}{self.prefix}{name}"
 
     @functools.cached_property
     def _fileset(self) -> set[str]:
