@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/train-small-cifar10.yaml")
     parser.add_argument("--steps", type=int, default=40, help="steps timed for the loop comparison")
     parser.add_argument("--skip-full", action="store_true", help="only the loop comparison")
+    parser.add_argument("--out", help="keep the fully trained model here (a training folder)")
     args = parser.parse_args()
     job = build_config(TrainJob, args.config, [f"data.dataset={args.data}"])
     train_set, test_set = load_dataset(args.data, "train"), load_dataset(args.data, "test")
@@ -91,7 +93,8 @@ def main() -> None:
     torch.manual_seed(job.train.seed)
     started = time.perf_counter()
     model = build_model(job.model.name, train_set.num_classes)
-    result = train(model, train_set, job.train, resolve_device(job.device), test=test_set, progress=False)
+    out = Path(args.out) if args.out else None
+    result = train(model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False)
     seconds = time.perf_counter() - started
     print(
         f"full run: {job.train.epochs} epochs in {seconds:.0f} s, test accuracy {result.test_accuracy:.4f} "

@@ -11,13 +11,16 @@ import click
 import torch
 
 from . import __version__
+from .advset import craft_adversarial_set, load_adversarial_set
+from .attacks import ATTACKS, GAP, build_attack
 from .checkpoint import load_model
-from .config import DataConfig, TrainJob, build_config, to_yaml_dict
+from .config import DataConfig, TrainJob, build_config, parse_overrides, to_yaml_dict
 from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
 from .data.download import REMOTES, download, md5sum
 from .device import resolve_device
 from .errors import AdvretrainError
-from .io import write_yaml
+from .io import write_json, write_yaml
+from .metrics import attack_metrics
 from .models import build_model
 from .train import evaluate, train
 
@@ -103,6 +106,54 @@ def evaluate_cmd(
     click.echo(
         f"accuracy {evaluate(model, data.images, data.labels, batch_size):.4f} on {len(data)} images of {data.source}"
     )
+
+
+@cli.command("attack")
+@click.option("--checkpoint", required=True, type=click.Path(), help="The attacked model (model.safetensors).")
+@click.option("--attack", "attack_name", required=True, type=click.Choice(sorted(ATTACKS)))
+@click.option("--data", "dataset", default="cifar10-sample", show_default=True, help="Dataset name or path.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "val"]))
+@click.option("--limit", type=click.IntRange(min=1), help="Attack only the first N images of the split.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The adversarial set folder.")
+@click.option("--gap", "gap_file", type=click.Path(dir_okay=False), help="A fitted GAP to load instead of fitting.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.argument("params", nargs=-1)
+def attack_cmd(
+    checkpoint: str,
+    attack_name: str,
+    dataset: str,
+    split: str,
+    limit: int | None,
+    out: str,
+    gap_file: str | None,
+    data_root: str | None,
+    device: str,
+    params: tuple[str, ...],
+) -> None:
+    """Craft an adversarial set and print its metrics. PARAMS are attack keywords, e.g. eps=0.03 steps=20."""
+    model = load_model(checkpoint, resolve_device(device))
+    kwargs = parse_overrides(params)
+    attack = build_attack(attack_name, **kwargs)
+    data = load_dataset(dataset, split, data_root, model.spec.image_size)
+    if limit:
+        data = data.subset(torch.arange(min(limit, len(data))))
+    if isinstance(attack, GAP):
+        if gap_file:
+            attack.load(gap_file)
+        else:
+            log.info("fitting GAP on the training split of %s", dataset)
+            attack.fit(model, load_dataset(dataset, "train", data_root, model.spec.image_size).images)
+            attack.save(Path(out) / "gap.safetensors")
+    meta = {"attack": attack_name, "params": kwargs, "data": dataset, "split": split}
+    craft_adversarial_set(attack, model, data.images, data.labels, out, meta)
+    adv = load_adversarial_set(out)
+    clean = data.images.float() / 255
+    targets = adv.targets if bool((adv.targets >= 0).all()) else None
+    metrics = attack_metrics(model, clean, adv.adversarial, adv.labels, targets)
+    write_json(Path(out) / "metrics.json", metrics)
+    for key, value in metrics.items():
+        click.echo(f"{key:28s} {value:.4f}")
 
 
 @cli.command("datasets")

@@ -144,7 +144,8 @@ def small_block(c_in: int, c_out: int) -> list[nn.Module]:
 
 def small_features(widths: tuple[int, int, int] = (32, 64, 128)) -> tuple[nn.Module, int]:
     w1, w2, w3 = widths
-    layers: list[nn.Module] = [*conv_bn(3, 24), nn.GELU(), *small_block(24, w1), *small_block(w1, w2)]
+    # airbench's stem: a 2×2 conv (32 → 31 px) without BN, cheap at full resolution where CPU time goes.
+    layers: list[nn.Module] = [nn.Conv2d(3, 24, 2), nn.GELU(), *small_block(24, w1), *small_block(w1, w2)]
     layers += [*small_block(w2, w3), nn.AdaptiveMaxPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), w3
 

@@ -1,0 +1,157 @@
+"""Adversarial sets on disk: float32 images exactly as crafted, with where they came from and what made them.
+
+A set is a folder `NAME.advset/` of shards (`shard-00000.safetensors`, ...: adversarial N×C×H×W float32, source
+indices, source labels, targets (-1: untargeted), success) and `meta.json` (attack, parameters, attacked model's
+fingerprint, shard list). Every file is written atomically and `meta.json` last, so a set without it is incomplete:
+a rerun keeps the finished shards and writes only the missing ones. Sets larger than memory are written and read
+shard by shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import AdvretrainError
+from .io import save_safetensors, write_json
+
+META = "meta.json"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter and buffer: the identity of the attacked model."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class AdversarialSet:
+    adversarial: torch.Tensor  # N×C×H×W float32 in [0,1]
+    indices: torch.Tensor  # N int64: index of the source image in its split
+    labels: torch.Tensor  # N int64: the source image's label
+    targets: torch.Tensor  # N int64: the attack's target class, -1 when untargeted
+    success: torch.Tensor  # N bool
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def write_shard(
+    folder: Path,
+    i: int,
+    adversarial: torch.Tensor,
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor | None,
+    success: torch.Tensor,
+) -> None:
+    tensors = {
+        "adversarial": adversarial.float(),
+        "indices": indices.long(),
+        "labels": labels.long(),
+        "targets": targets.long() if targets is not None else torch.full_like(indices, -1, dtype=torch.long),
+        "success": success.to(torch.uint8),
+    }
+    save_safetensors(folder / shard_name(i), tensors, {})
+
+
+def finish(folder: Path, shards: int, meta: dict[str, Any]) -> None:
+    write_json(folder / META, {**meta, "shards": [shard_name(i) for i in range(shards)]})
+
+
+def is_complete(folder: str | os.PathLike[str]) -> bool:
+    return (Path(folder) / META).exists()
+
+
+def iter_shards(folder: str | os.PathLike[str]) -> Iterator[dict[str, torch.Tensor]]:
+    path = Path(folder)
+    meta = read_meta(path)
+    for name in meta["shards"]:
+        try:
+            yield load_file(str(path / name))
+        except (SafetensorError, OSError) as exc:
+            raise AdvretrainError(
+                f"{path / name}: unreadable shard ({exc}); delete the set and craft it again"
+            ) from exc
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    if not (folder / META).exists():
+        raise AdvretrainError(f"{folder}: not a complete adversarial set (no {META}); rerun the attack to finish it")
+    meta: dict[str, Any] = json.loads((folder / META).read_text())
+    return meta
+
+
+def load_adversarial_set(folder: str | os.PathLike[str]) -> AdversarialSet:
+    shards = list(iter_shards(folder))
+    cat = {
+        key: torch.cat([s[key] for s in shards]) for key in ("adversarial", "indices", "labels", "targets", "success")
+    }
+    return AdversarialSet(
+        cat["adversarial"],
+        cat["indices"],
+        cat["labels"],
+        cat["targets"],
+        cat["success"].bool(),
+        read_meta(Path(folder)),
+    )
+
+
+def craft_adversarial_set(
+    attack: Any,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    folder: str | os.PathLike[str],
+    meta: dict[str, Any],
+    shard_size: int = 2048,
+) -> Path:
+    """Attack `images` (uint8 or [0,1]) shard by shard into `folder`; finished shards of a killed run are kept."""
+    path = Path(folder)
+    fingerprint = model_fingerprint(model)
+    meta = {
+        **meta,
+        "model_fingerprint": fingerprint,
+        "count": int(labels.shape[0]),
+        "image_shape": list(images.shape[1:]),
+    }
+    stamp = path / "job.json"  # identity of the job the shards belong to
+    if stamp.exists() and json.loads(stamp.read_text()) != meta:
+        raise AdvretrainError(f"{path} holds a set made by another attack, model or data; choose another --out")
+    write_json(stamp, meta)
+    shards = (labels.shape[0] + shard_size - 1) // shard_size
+    for i in range(shards):
+        if (path / shard_name(i)).exists():
+            continue
+        span = slice(i * shard_size, (i + 1) * shard_size)
+        x = images[span].float() / 255 if images.dtype == torch.uint8 else images[span]
+        result = attack(model, x, labels[span])
+        write_shard(
+            path,
+            i,
+            result.adversarial.cpu(),
+            torch.arange(labels.shape[0])[span],
+            labels[span].cpu(),
+            None if result.targets is None else result.targets.cpu(),
+            result.success.cpu(),
+        )
+    finish(path, shards, meta)
+    return path

@@ -1,0 +1,96 @@
+"""What every attack shares: the result type, input checks, the frozen-model context and batching.
+
+An attack is called as `attack(model, images, labels)` on float [0,1] N×C×H×W images and returns an
+`AttackResult` whose `.adversarial` has the same shape and device and whose `.success` is a per-image mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ..errors import AdvretrainError
+
+
+class AttackError(AdvretrainError):
+    """Invalid input to an attack (wrong range, shape or dtype)."""
+
+
+@dataclass
+class AttackResult:
+    """adversarial: N×C×H×W in [0,1]; success: N bool; the optional fields are per-image (N,) when known."""
+
+    adversarial: torch.Tensor
+    success: torch.Tensor
+    targets: torch.Tensor | None = None
+    iterations: torch.Tensor | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: list[AttackResult]) -> AttackResult:
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        tensors = {f.name: cat(f.name) for f in fields(AttackResult) if f.name != "extras"}
+        return AttackResult(**tensors, extras=parts[0].extras if parts else {})  # type: ignore[arg-type]
+
+
+def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or not images.is_floating_point():
+        raise AttackError(f"images must be float N×C×H×W in [0,1], got {tuple(images.shape)} {images.dtype}")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        lo, hi = float(images.min()), float(images.max())
+        raise AttackError(f"images must lie in [0,1], got [{lo:.3g}, {hi:.3g}]; divide uint8 images by 255")
+    if labels.shape != (images.shape[0],):
+        raise AttackError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients (input gradients only: cheaper), restored on exit."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def run_batched(
+    fn: Callable[[torch.Tensor, torch.Tensor], AttackResult],
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+) -> AttackResult:
+    """Check inputs, freeze the model and run `fn` over chunks of at most `batch_size` images on the model's device."""
+    check_inputs(images, labels)
+    device = next(model.parameters()).device
+    parts = []
+    with frozen(model):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device).detach().clone()
+            y = labels[start : start + batch_size].to(device)
+            parts.append(fn(x, y))
+    result = AttackResult.concat(parts)
+    result.adversarial = result.adversarial.to(images.device)
+    for name in ("success", "targets", "iterations"):
+        value = getattr(result, name)
+        if value is not None:
+            setattr(result, name, value.to(images.device))
+    return result
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = model(x)
+    return out

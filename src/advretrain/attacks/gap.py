@@ -1,0 +1,240 @@
+"""Generative Adversarial Perturbations (Poursaeed et al. 2018), universal and non-targeted.
+
+A ResNet generator maps one fixed, saved uniform-noise pattern z to one perturbation U, scaled per channel to
+L-inf `eps` in [0,1] pixel space; U is fitted so that f(clip(x + U)) moves toward each image's least-likely class.
+Reference: OmidPoursaeed/Generative_Adversarial_Perturbations (METHOD.md 2.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+from ..io import save_safetensors
+from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
+
+log = logging.getLogger(__name__)
+
+
+def _conv_bn_relu(conv: nn.Module, channels: int) -> list[nn.Module]:
+    return [conv, nn.BatchNorm2d(channels), nn.ReLU(True)]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            *_conv_bn_relu(nn.Conv2d(channels, channels, 3, bias=False), channels),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.body(x)
+        return out
+
+
+class ResnetGenerator(nn.Module):
+    """GAP's image-to-image generator: 7×7 conv, two stride-2 downs, `blocks` residual blocks, two ups, 7×7, tanh."""
+
+    def __init__(self, ngf: int = 64, blocks: int = 6) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_bn_relu(nn.Conv2d(3, ngf, 7, bias=False), ngf)]
+        layers += _conv_bn_relu(nn.Conv2d(ngf, 2 * ngf, 3, 2, 1, bias=False), 2 * ngf)
+        layers += _conv_bn_relu(nn.Conv2d(2 * ngf, 4 * ngf, 3, 2, 1, bias=False), 4 * ngf)
+        layers += [ResidualBlock(4 * ngf) for _ in range(blocks)]
+        layers += _conv_bn_relu(nn.ConvTranspose2d(4 * ngf, 2 * ngf, 3, 2, 1, output_padding=1, bias=False), 2 * ngf)
+        layers += _conv_bn_relu(nn.ConvTranspose2d(2 * ngf, ngf, 3, 2, 1, output_padding=1, bias=False), ngf)
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():  # the reference's DCGAN-style initialisation
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: 1×3×H×W, raw 0-255 noise as the reference feeds it
+        out: torch.Tensor = self.net(z)
+        return out  # 1×3×H×W in (-1, 1)
+
+
+def scale_to_budget(g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per channel, U = eps · g / max|g| (METHOD.md 2.1 [REC]): every channel reaches the L-inf bound exactly."""
+    return eps * g / g.abs().amax(dim=(0, 2, 3), keepdim=True).clamp_min(1e-12)
+
+
+class GAP:
+    """Universal perturbation from a generator. `fit(model, train_images)` first, then call like any attack.
+
+    Args:
+        eps: L-inf bound in [0,1] pixels (10/255).
+        lr: Adam learning rate (paper: 0.002 CIFAR-10, 0.001 TinyImageNet), betas (0.5, 0.999).
+        epochs: passes over the training images (10); `max_iter` caps the steps per epoch (reference: 50; None: full).
+        batch_size: images per step (30, the reference's).
+        holdout: training images held out to choose the best epoch by fooling ratio (5,000 [REC]).
+    """
+
+    name = "gap"
+
+    def __init__(
+        self,
+        *,
+        eps: float = 10 / 255,
+        lr: float = 0.002,
+        epochs: int = 10,
+        batch_size: int = 30,
+        max_iter: int | None = None,
+        holdout: int = 5000,
+        ngf: int = 64,
+        seed: int = 0,
+        eval_batch_size: int = 512,
+        progress: bool = False,
+    ) -> None:
+        if eps <= 0 or lr <= 0 or epochs < 1 or batch_size < 1 or holdout < 1:
+            raise AttackError("gap: need eps, lr > 0 and epochs, batch_size, holdout >= 1")
+        self.eps, self.lr, self.epochs, self.batch_size, self.max_iter = eps, lr, epochs, batch_size, max_iter
+        self.holdout, self.ngf, self.seed, self.eval_batch_size, self.progress = (
+            holdout,
+            ngf,
+            seed,
+            eval_batch_size,
+            progress,
+        )
+        self.generator: ResnetGenerator | None = None
+        self.noise: torch.Tensor | None = None  # z: 1×3×H×W
+        self.perturbation: torch.Tensor | None = None  # U: 1×3×H×W, |U| <= eps
+        self.history: list[dict[str, float]] = []
+
+    def fit(self, model: nn.Module, images: torch.Tensor) -> GAP:
+        """Fit the generator against `model` on training images (uint8 or [0,1] float N×C×H×W)."""
+        x_all = images.float() / 255 if images.dtype == torch.uint8 else images
+        check_inputs(x_all, torch.zeros(x_all.shape[0], dtype=torch.long))
+        n_hold = min(self.holdout, x_all.shape[0] // 5)  # small sets: hold out a fifth, never everything
+        if n_hold < 1:
+            raise AttackError(f"gap: {x_all.shape[0]} images are too few to fit and select a perturbation")
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(x_all.shape[0], generator=gen)
+        fit_idx, hold = order[n_hold:], x_all[order[:n_hold]]
+        self.noise = (torch.rand((1, *x_all.shape[1:]), generator=gen) * 255).to(device)
+        torch.manual_seed(self.seed)
+        self.generator = ResnetGenerator(self.ngf).to(device)
+        optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        best_fr, best_state = -1.0, None
+        with frozen(model):
+            clean_hold = self._predict(model, hold)
+            for epoch in range(self.epochs):
+                self._fit_epoch(model, x_all, fit_idx, optimizer, gen, epoch)
+                fr = self._holdout_fooling_ratio(model, hold, clean_hold)
+                self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr})
+                log.info("gap epoch %d/%d: held-out fooling ratio %.4f", epoch + 1, self.epochs, fr)
+                if fr > best_fr:
+                    best_fr = fr
+                    best_state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+                    self.perturbation = self._current_perturbation()
+        assert best_state is not None
+        self.generator.load_state_dict(best_state)
+        return self
+
+    def _fit_epoch(
+        self,
+        model: nn.Module,
+        x_all: torch.Tensor,
+        fit_idx: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+        epoch: int,
+    ) -> None:
+        assert self.generator is not None and self.noise is not None
+        device = self.noise.device
+        self.generator.train()
+        order = fit_idx[torch.randperm(fit_idx.numel(), generator=gen)]
+        steps = math.ceil(order.numel() / self.batch_size)
+        if self.max_iter is not None:
+            steps = min(steps, self.max_iter)
+        bar = tqdm(range(steps), desc=f"gap epoch {epoch + 1}/{self.epochs}", leave=False, disable=not self.progress)
+        for step in bar:
+            x = x_all[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)
+            with torch.no_grad():
+                target = logits_of(model, x).argmin(1)  # least likely class of each clean image
+            # z is one fixed pattern: G(z) once equals the reference's z tiled over the batch (BN sees the same stats).
+            u = scale_to_budget(self.generator(self.noise), self.eps)
+            loss = torch.log(F.cross_entropy(logits_of(model, (x + u).clamp(0, 1)), target))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+
+    @torch.no_grad()
+    def _current_perturbation(self) -> torch.Tensor:
+        assert self.generator is not None and self.noise is not None
+        self.generator.eval()
+        u = scale_to_budget(self.generator(self.noise), self.eps)
+        self.generator.train()
+        return u
+
+    @torch.no_grad()
+    def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return torch.cat(
+            [
+                logits_of(model, x[i : i + self.eval_batch_size].to(device)).argmax(1).cpu()
+                for i in range(0, x.shape[0], self.eval_batch_size)
+            ]
+        )
+
+    def _holdout_fooling_ratio(self, model: nn.Module, hold: torch.Tensor, clean: torch.Tensor) -> float:
+        u = self._current_perturbation().cpu()
+        return float((self._predict(model, (hold + u).clamp(0, 1)) != clean).float().mean())
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> AttackResult:
+        """Apply the fitted universal perturbation; success = the prediction changed from the clean one."""
+        if self.perturbation is None:
+            raise AttackError("gap: not fitted; call GAP(...).fit(model, train_images) or load() a fitted one")
+        check_inputs(images, labels)
+        if images.shape[1:] != self.perturbation.shape[1:]:
+            raise AttackError(
+                f"gap: perturbation is {tuple(self.perturbation.shape[1:])}, images are "
+                f"{tuple(images.shape[1:])}; fit GAP on images of this size"
+            )
+        adversarial = (images + self.perturbation.to(images.device)).clamp(0, 1)
+        with frozen(model):
+            success = self._predict(model, adversarial) != self._predict(model, images)
+        return AttackResult(adversarial, success.to(images.device))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        if self.perturbation is None or self.generator is None or self.noise is None:
+            raise AttackError("gap: nothing to save; fit first")
+        tensors = {
+            "perturbation": self.perturbation,
+            "noise": self.noise,
+            **{f"generator.{k}": v for k, v in self.generator.state_dict().items()},
+        }
+        save_safetensors(path, tensors, {"eps": repr(self.eps), "ngf": str(self.ngf)})
+
+    def load(self, path: str | os.PathLike[str]) -> GAP:
+        try:
+            with safe_open(str(Path(path)), "pt") as fh:
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+                meta = fh.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise AttackError(f"{path}: not a saved GAP perturbation ({exc}); fit GAP again") from exc
+        self.ngf = int(meta.get("ngf", self.ngf))
+        self.eps = float(meta.get("eps", self.eps))
+        self.perturbation, self.noise = tensors["perturbation"], tensors["noise"]
+        self.generator = ResnetGenerator(self.ngf)
+        prefix = "generator."
+        self.generator.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return self
