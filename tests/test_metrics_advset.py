@@ -119,3 +119,53 @@ def test_attack_command_writes_a_set_and_prints_metrics(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 6 and 0 <= metrics["fooling_ratio"] <= 1
     assert load_adversarial_set(out).meta["params"] == {"steps": 5}
+
+
+def test_label_command_reports_source_retrieval(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.safetensors", build_model("small", 10))
+    adv = tmp_path / "adv"
+    runner = CliRunner()
+    crafted = runner.invoke(
+        cli,
+        [
+            "attack",
+            "--checkpoint",
+            str(tmp_path / "model.safetensors"),
+            "--attack",
+            "fgsm",
+            "--split",
+            "train",
+            "--limit",
+            "30",
+            "--out",
+            str(adv),
+            "--device",
+            "cpu",
+            "eps=0.03",
+        ],
+    )
+    assert crafted.exit_code == 0, crafted.output
+    result = runner.invoke(
+        cli,
+        [
+            "label",
+            "--adversarial",
+            str(adv),
+            "--reference",
+            "cifar10-sample",
+            "--pca-dims",
+            "50",
+            "--fooling-percentile",
+            "99",
+            "--out",
+            str(tmp_path / "labels.safetensors"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "labels.json").read_text())
+    assert "IN the reference set" in result.output
+    assert report["exact_source_retrieval"] == 1.0 and report["train_source_accuracy"] >= 0.9
+    assert report["flag_rate_fooling"] == 1.0 and report["clean_test_accuracy"] < 0.6  # unseen: plain 1-NN

@@ -19,7 +19,9 @@ from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
 from .data.download import REMOTES, download, md5sum
 from .device import resolve_device
 from .errors import AdvretrainError
-from .io import write_json, write_yaml
+from .fooling import noise_images
+from .io import save_safetensors, write_json, write_yaml
+from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics
 from .models import build_model
 from .train import evaluate, train
@@ -154,6 +156,66 @@ def attack_cmd(
     write_json(Path(out) / "metrics.json", metrics)
     for key, value in metrics.items():
         click.echo(f"{key:28s} {value:.4f}")
+
+
+@cli.command("label")
+@click.option("--adversarial", required=True, type=click.Path(file_okay=False), help="An adversarial set folder.")
+@click.option(
+    "--reference",
+    default="cifar10-sample",
+    show_default=True,
+    help="Dataset whose train split is the clean reference set.",
+)
+@click.option("--pca-dims", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--k", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--fooling-percentile",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    help="Flag images whose PCA residual exceeds this percentile of clean held-out images.",
+)
+@click.option("--fooling-clusters", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Labels (.safetensors); a .json report is written beside it.",
+)
+def label_cmd(
+    adversarial: str,
+    reference: str,
+    pca_dims: int,
+    k: int,
+    fooling_percentile: float | None,
+    fooling_clusters: int,
+    data_root: str | None,
+    device: str,
+    out: str,
+) -> None:
+    """Label an adversarial set by PCA + k-NN against clean references, and report what the accuracy means."""
+    adv = load_adversarial_set(adversarial)
+    train_set = load_dataset(reference, "train", data_root)
+    test_set = load_dataset(reference, "test", data_root)
+    labeler = KNNLabeler(pca_dims, k, fooling_percentile, fooling_clusters, device=resolve_device(device))
+    labeler.fit(train_set.images, train_set.labels)
+    seen = adv.meta.get("split") == "train" and adv.meta.get("data") == reference  # sources are in the reference
+    report = label_report(
+        labeler,
+        train_source=(adv.adversarial, adv.labels, adv.indices) if seen else None,
+        test_source=None if seen else (adv.adversarial, adv.labels),
+        clean_test=(test_set.images, test_set.labels),
+        fooling=noise_images(1000, tuple(train_set.images.shape[1:])) if fooling_percentile else None,  # type: ignore[arg-type]
+    )
+    labels = labeler.predict(adv.adversarial)
+    save_safetensors(out, {"labels": labels, "indices": adv.indices}, {"reference": reference})
+    write_json(Path(out).with_suffix(".json"), report)
+    click.echo(
+        f"reference: {reference} train split ({len(train_set)} images); adversarial sources "
+        f"{'IN the reference set (labels are found by retrieving the source)' if seen else 'unseen'}"
+    )
+    for key, value in report.items():
+        click.echo(f"{key:36s} {value:.4f}")
 
 
 @cli.command("datasets")

@@ -1,0 +1,289 @@
+"""The paper's true-label generator: PCA + k-nearest-neighbour labels against clean reference images, with a
+new class (or k-means classes) for "fooling images" that lie far from all clean data.
+
+Two facts shape it (METHOD.md 3): 1-NN recovers ~100% of labels only when an adversarial image's clean source is in
+the reference set (it finds the source); for adversarials of unseen images it falls to plain 1-NN accuracy. And
+PCA-space distance cannot flag noise-like fooling images (PCA discards the noise): the PCA reconstruction residual
+||(x − μ) − P Pᵀ (x − μ)|| can, so that is the out-of-distribution score here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from sklearn.cluster import KMeans
+
+from .errors import AdvretrainError
+from .io import save_safetensors
+
+
+class LabelerError(AdvretrainError):
+    """Invalid labeler input or state."""
+
+
+def flatten(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0,1] float N×C×H×W → float32 N×D in [0,1]."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return x.reshape(x.shape[0], -1)
+
+
+def fit_pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D) and the top `dims` principal directions (D×dims), by eigh of the covariance: right when N ≫ D.
+
+    The covariance is accumulated in float64: float32 sums over 10^5 images lose the small eigenvalues.
+    """
+    mean = x.mean(0, dtype=torch.float64)
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], 8192):  # chunks bound the float64 copy
+        chunk = x[start : start + 8192].double() - mean
+        cov += chunk.T @ chunk
+    cov /= max(1, x.shape[0] - 1)
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    components = vectors[:, -dims:].flip(1)  # D×dims, largest first
+    # Sign convention (as scikit-learn's svd_flip): the largest-magnitude entry of each component is positive.
+    signs = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
+    return mean.float(), (components * signs).float()
+
+
+def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """||a_i − b_j||² for a: Q×d, b: N×d (b_sq: N precomputed) → Q×N, clamped at 0 against rounding."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + b_sq).clamp_min_(0)
+
+
+def knn(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest references of each query (Euclidean), in chunks of `chunk` queries: memory chunk×N.
+
+    Returns distances and indices, both Q×k, nearest first.
+    """
+    refs_sq = (refs * refs).sum(1)
+    dists, idx = [], []
+    for start in range(0, queries.shape[0], chunk):
+        d2 = pairwise_sq_dist(queries[start : start + chunk], refs, refs_sq)
+        values, indices = d2.topk(k, dim=1, largest=False)  # sorted ascending
+        dists.append(values.sqrt())
+        idx.append(indices)
+    if not dists:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def vote(neighbour_labels: torch.Tensor, distances: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Majority vote over k neighbours; a tie goes to the tied class with the nearest member. Both Q×k → Q."""
+    counts = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
+    counts.scatter_add_(1, neighbour_labels, torch.ones_like(distances))
+    tied = counts == counts.amax(1, keepdim=True)  # Q×classes
+    is_tied = tied.gather(1, neighbour_labels)  # Q×k: neighbour belongs to a top class
+    first = is_tied.float().argmax(1)  # neighbours are sorted by distance: the first tied one is nearest
+    return neighbour_labels.gather(1, first[:, None]).squeeze(1)
+
+
+class KNNLabeler:
+    """Labels images by their nearest clean reference images in PCA space.
+
+    Args:
+        pca_dims: principal components kept (paper: 300 for CIFAR-10, 2000 for TinyImageNet).
+        k: neighbours that vote (paper: 1).
+        fooling_percentile: flag images whose PCA residual exceeds this percentile of held-out clean images'
+            residuals as fooling images (e.g. 99.9); None: never flag.
+        fooling_clusters: flagged images form this many new classes (k-means in PCA space), numbered from C.
+        chunk_size: queries per distance block (memory chunk_size × references).
+        device: where PCA and search run ("cpu" or "cuda").
+    """
+
+    def __init__(
+        self,
+        pca_dims: int = 300,
+        k: int = 1,
+        fooling_percentile: float | None = None,
+        fooling_clusters: int = 1,
+        chunk_size: int = 1024,
+        device: str | torch.device = "cpu",
+        holdout: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        if pca_dims < 1 or k < 1 or fooling_clusters < 1 or chunk_size < 1:
+            raise LabelerError("labeler: pca_dims, k, fooling_clusters and chunk_size must be >= 1")
+        if fooling_percentile is not None and not 0 < fooling_percentile < 100:
+            raise LabelerError(f"labeler: fooling_percentile must lie in (0, 100), got {fooling_percentile}")
+        self.pca_dims, self.k, self.fooling_percentile = pca_dims, k, fooling_percentile
+        self.fooling_clusters, self.chunk_size, self.device = fooling_clusters, chunk_size, torch.device(device)
+        self.holdout, self.seed = holdout, seed
+        self.mean: torch.Tensor | None = None  # D
+        self.components: torch.Tensor | None = None  # D×pca_dims
+        self.ref_features: torch.Tensor | None = None  # N×pca_dims
+        self.ref_labels: torch.Tensor | None = None  # N
+        self.num_classes = 0
+        self.threshold: float | None = None
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor, holdout: torch.Tensor | None = None) -> KNNLabeler:
+        """Reference set: `images` (uint8 or [0,1] N×C×H×W) and `labels`; `holdout` calibrates the fooling threshold.
+
+        Without `holdout`, `self.holdout` reference images are left out of the PCA fit (not of the search) and
+        calibrate it, so their residuals are those of unseen clean images.
+        """
+        x = flatten(images).to(self.device)
+        if x.shape[0] != labels.shape[0]:
+            raise LabelerError(f"labeler: {x.shape[0]} images but {labels.shape[0]} labels")
+        if self.pca_dims > min(x.shape):
+            raise LabelerError(
+                f"labeler: pca_dims {self.pca_dims} exceeds min(images, pixels) = {min(x.shape)}; lower --pca-dims"
+            )
+        fit_rows = torch.arange(x.shape[0])
+        calibration = None
+        if self.fooling_percentile is not None:
+            if holdout is not None:
+                calibration = flatten(holdout).to(self.device)
+            else:
+                n_hold = min(self.holdout, x.shape[0] // 5)
+                order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
+        self.mean, self.components = fit_pca(x[fit_rows.to(x.device)], self.pca_dims)
+        self.ref_features = self.project(x)
+        self.ref_labels = labels.to(self.device).long()
+        self.num_classes = int(labels.max()) + 1
+        if calibration is not None and self.fooling_percentile is not None:
+            scores = self.residual(calibration).cpu().double().numpy()
+            self.threshold = float(np.percentile(scores, self.fooling_percentile))
+        return self
+
+    def _fitted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, components = self._basis()
+        if self.ref_features is None or self.ref_labels is None:
+            raise LabelerError("labeler: not fitted; call fit(reference_images, labels) or load() first")
+        return mean, components, self.ref_features, self.ref_labels
+
+    def _basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mean is None or self.components is None:
+            raise LabelerError("labeler: not fitted; call fit(reference_images, labels) or load() first")
+        return self.mean, self.components
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened [0,1] N×D → PCA coordinates N×pca_dims."""
+        mean, components = self._basis()
+        return (x.to(self.device) - mean) @ components
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """PCA reconstruction residual ||(x − μ) − P Pᵀ(x − μ)|| per image (N), the out-of-distribution score."""
+        mean, components = self._basis()
+        centred = x.to(self.device) - mean
+        coords = centred @ components
+        # Computed as a difference of vectors, not as ||c||² − ||Pᵀc||²: that difference of large numbers cancels.
+        residual: torch.Tensor = (centred - coords @ components.T).norm(dim=1)
+        return residual
+
+    def neighbours(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances and reference indices of the k nearest references in PCA space, both N×k."""
+        _, _, refs, _ = self._fitted()
+        return knn(self.project(flatten(images)), refs, self.k, self.chunk_size)
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        return self.residual(flatten(images))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """int64 labels (N, on the CPU); flagged fooling images get classes num_classes, num_classes + 1, ..."""
+        _, _, refs, ref_labels = self._fitted()
+        x = flatten(images)
+        distances, indices = knn(self.project(x), refs, self.k, self.chunk_size)
+        labels = vote(ref_labels[indices], distances, self.num_classes)
+        if self.threshold is not None:
+            flagged = self.residual(x) > self.threshold
+            labels[flagged] = self.num_classes + self._clusters(self.project(x[flagged.to(x.device)]))
+        return labels.cpu()
+
+    def _clusters(self, features: torch.Tensor) -> torch.Tensor:
+        n = min(self.fooling_clusters, features.shape[0])
+        if n <= 1:
+            return torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        km = KMeans(n_clusters=n, n_init=4, random_state=self.seed).fit(features.cpu().numpy())
+        return torch.from_numpy(km.labels_.astype(np.int64)).to(features.device)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        mean, components, refs, labels = self._fitted()
+        config = {
+            "pca_dims": self.pca_dims,
+            "k": self.k,
+            "fooling_percentile": self.fooling_percentile,
+            "fooling_clusters": self.fooling_clusters,
+            "num_classes": self.num_classes,
+            "threshold": self.threshold,
+            "seed": self.seed,
+        }
+        save_safetensors(
+            path,
+            {"mean": mean, "components": components, "ref_features": refs, "ref_labels": labels},
+            {"config": json.dumps(config)},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> KNNLabeler:
+        try:
+            with safe_open(str(Path(path)), "pt") as fh:
+                config = json.loads((fh.metadata() or {})["config"])
+                tensors = {key: fh.get_tensor(key).to(device) for key in fh.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise LabelerError(f"{path}: not a saved labeler ({exc}); fit one again") from exc
+        labeler = cls(
+            config["pca_dims"],
+            config["k"],
+            config["fooling_percentile"],
+            config["fooling_clusters"],
+            device=device,
+            seed=config["seed"],
+        )
+        labeler.mean, labeler.components = tensors["mean"], tensors["components"]
+        labeler.ref_features, labeler.ref_labels = tensors["ref_features"], tensors["ref_labels"]
+        labeler.num_classes, labeler.threshold = config["num_classes"], config["threshold"]
+        return labeler
+
+
+def _rate(mask: torch.Tensor) -> float:
+    return float(mask.float().mean()) if mask.numel() else float("nan")
+
+
+def label_report(
+    labeler: KNNLabeler,
+    train_source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    test_source: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clean_test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fooling: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """What a label accuracy means, measured (METHOD.md 3.4). Every part is optional.
+
+    Args:
+        train_source: (adversarial images, source labels, source indices into the reference set): adversarials
+            whose clean sources the reference holds; reports label accuracy and the exact-source retrieval rate.
+        test_source: (adversarial images, source labels) of images the reference has never seen.
+        clean_test: (clean images, labels) the reference has never seen: the plain 1-NN baseline.
+        fooling: fooling images (generated or noise): their flag rate.
+    """
+    import time
+
+    report: dict[str, float] = {}
+    flags: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    if train_source is not None:
+        images, labels, indices = train_source
+        predicted = labeler.predict(images)
+        nearest = labeler.neighbours(images)[1][:, 0].cpu()
+        report["train_source_accuracy"] = _rate(predicted == labels.cpu())
+        report["exact_source_retrieval"] = _rate(nearest == indices.cpu())
+        flags["train_source_adversarial"] = predicted >= labeler.num_classes
+    if test_source is not None:
+        predicted = labeler.predict(test_source[0])
+        report["test_source_accuracy"] = _rate(predicted == test_source[1].cpu())
+        flags["test_source_adversarial"] = predicted >= labeler.num_classes
+    if clean_test is not None:
+        predicted = labeler.predict(clean_test[0])
+        report["clean_test_accuracy"] = _rate(predicted == clean_test[1].cpu())
+        flags["clean_test"] = predicted >= labeler.num_classes
+    if fooling is not None:
+        flags["fooling"] = labeler.predict(fooling) >= labeler.num_classes
+    if labeler.threshold is not None:
+        report |= {f"flag_rate_{name}": _rate(mask) for name, mask in flags.items()}
+    report["seconds"] = time.perf_counter() - started
+    return report
