@@ -123,8 +123,12 @@ def craft_adversarial_set(
     folder: str | os.PathLike[str],
     meta: dict[str, Any],
     shard_size: int = 2048,
+    indices: torch.Tensor | None = None,
 ) -> Path:
-    """Attack `images` (uint8 or [0,1]) shard by shard into `folder`; finished shards of a killed run are kept."""
+    """Attack `images` (uint8 or [0,1]) shard by shard into `folder`; finished shards of a killed run are kept.
+
+    `indices` are the images' positions in their split (default 0..N-1), stored as the source indices.
+    """
     path = Path(folder)
     fingerprint = model_fingerprint(model)
     meta = {
@@ -137,6 +141,7 @@ def craft_adversarial_set(
     if stamp.exists() and json.loads(stamp.read_text()) != meta:
         raise AdvretrainError(f"{path} holds a set made by another attack, model or data; choose another --out")
     write_json(stamp, meta)
+    sources = torch.arange(labels.shape[0]) if indices is None else indices.cpu()
     shards = (labels.shape[0] + shard_size - 1) // shard_size
     for i in range(shards):
         if (path / shard_name(i)).exists():
@@ -148,7 +153,7 @@ def craft_adversarial_set(
             path,
             i,
             result.adversarial.cpu(),
-            torch.arange(labels.shape[0])[span],
+            sources[span],
             labels[span].cpu(),
             None if result.targets is None else result.targets.cpu(),
             result.success.cpu(),

@@ -14,7 +14,7 @@ from . import __version__
 from .advset import craft_adversarial_set, load_adversarial_set
 from .attacks import ATTACKS, GAP, build_attack
 from .checkpoint import load_model
-from .config import DataConfig, TrainJob, build_config, parse_overrides, to_yaml_dict
+from .config import DataConfig, ExperimentConfig, TrainJob, build_config, parse_overrides, to_yaml_dict
 from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
 from .data.download import REMOTES, download, md5sum
 from .device import resolve_device
@@ -24,6 +24,9 @@ from .io import save_safetensors, write_json, write_yaml
 from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics
 from .models import build_model
+from .pipeline import run_experiment
+from .report import write_report
+from .rundir import environment, record_config, run_lock
 from .train import evaluate, train
 
 log = logging.getLogger("advretrain")
@@ -48,7 +51,10 @@ def fresh_dir(kind: str) -> Path:
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Does retraining a classifier on adversarial images defend it, and against which attacks?"""
     ctx.obj = {"debug": debug, "quiet": quiet}
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # The root logger passes INFO on (the run log file wants it); the console shows warnings only when quiet.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @cli.command("train")
@@ -85,6 +91,49 @@ def train_cmd(
     click.echo(
         f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); model: {out_dir / 'model.safetensors'}"
     )
+
+
+@cli.command("run")
+@click.option(
+    "--config",
+    "config_name",
+    default="default",
+    show_default=True,
+    help="A packaged config (default, cpu-quick, paper-cifar10, paper-tinyimagenet) or a YAML file.",
+)
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory; rerun with it to resume.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Overrides the config's device.")
+@click.argument("overrides", nargs=-1)
+@click.pass_context
+def run_cmd(
+    ctx: click.Context, config_name: str, out: str | None, device: str | None, overrides: tuple[str, ...]
+) -> None:
+    """The paper's whole protocol: baseline, attacks, labels, retraining, evaluation, Tables 1-7 and figures."""
+    cfg = build_config(ExperimentConfig, config_name, (*overrides, *([f"device={device}"] if device else [])))
+    run_dir = Path(out) if out else fresh_dir("run")
+    with run_lock(run_dir):
+        record_config(run_dir, to_yaml_dict(cfg))
+        handler = logging.FileHandler(run_dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        write_json(run_dir / "environment.json", environment(resolve_device(cfg.device)))
+        train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        log.info("run %s: %s on %s → %s", config_name, cfg.model.name, train_set.source, run_dir)
+        results = run_experiment(cfg, run_dir, train_set, test_set, progress=not ctx.obj["quiet"])
+        write_json(run_dir / "results.json", results)
+        write_report(run_dir)
+        logging.getLogger().removeHandler(handler)
+    click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report_cmd(run_dir: str) -> None:
+    """Rebuild the tables and figures of a finished run from its record."""
+    if not (Path(run_dir) / "results.json").exists():
+        raise AdvretrainError(f"{run_dir} has no results.json: the run has not finished; rerun `advretrain run --out`")
+    write_report(Path(run_dir))
+    click.echo(f"rebuilt {Path(run_dir) / 'tables.md'} and the figures")
 
 
 @cli.command("evaluate")

@@ -7,6 +7,7 @@ out-of-range value is a one-line error that names it (with a "did you mean" for 
 from __future__ import annotations
 
 import difflib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -59,6 +60,72 @@ class TrainJob(Frozen):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    device: Device = "auto"
+
+
+AttackName = Literal["gap", "deepfool", "cw", "fgsm"]
+PAPER_ATTACKS: tuple[AttackName, ...] = ("gap", "deepfool", "cw", "fgsm")
+
+
+class AttackSettings(Frozen):
+    """Keyword arguments of each attack (advretrain.attacks), the paper's values by default (METHOD.md 2)."""
+
+    fgsm: dict[str, int | float | bool] = Field(default_factory=lambda: {"eps": 0.07})
+    deepfool: dict[str, int | float | bool] = Field(
+        default_factory=lambda: {"steps": 50, "candidates": 10, "overshoot": 0.02}
+    )
+    cw: dict[str, int | float | bool] = Field(
+        default_factory=lambda: {
+            "binary_search_steps": 9,
+            "steps": 1000,
+            "lr": 0.01,
+            "initial_const": 1e-3,
+            "confidence": 0.0,
+        }
+    )
+    gap: dict[str, int | float | bool] = Field(
+        default_factory=lambda: {"eps": 10 / 255, "lr": 0.002, "epochs": 10, "batch_size": 30}
+    )
+    pgd: dict[str, int | float | bool] = Field(
+        default_factory=lambda: {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
+    )
+
+
+class RetrainConfig(Frozen):
+    # METHOD.md 1.2: N for GAP and FGSM, N = the training-set size for DeepFool and C&W (CIFAR-10 values).
+    sizes: dict[str, list[int]] = Field(
+        default_factory=lambda: {
+            "gap": [50000, 25000, 12500, 9000],
+            "fgsm": [50000, 25000, 12500, 9000],
+            "deepfool": [50000],
+            "cw": [50000],
+        },
+        description="adversarial training images added, per attack",
+    )
+    mode: Literal["scratch", "finetune"] = Field("scratch", description="retrain from scratch (paper) or fine-tune f0")
+    finetune_epochs: int = Field(5, ge=1, description="epochs when fine-tuning")
+    labels: Literal["oracle", "knn"] = Field("oracle", description="labels of adversarial training images")
+
+
+class LabelerConfig(Frozen):
+    pca_dims: int = Field(300, ge=1, description="paper: 300 for CIFAR-10, 2000 for TinyImageNet")
+    k: int = Field(1, ge=1, description="neighbours that vote (paper: 1)")
+    fooling_percentile: float | None = Field(99.9, gt=0, lt=100, description="flag threshold percentile")
+
+
+class ExperimentConfig(Frozen):
+    """`advretrain run`: the paper's protocol (METHOD.md 1.2) on one dataset and model."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    attacks: list[AttackName] = Field(default_factory=lambda: list(PAPER_ATTACKS))
+    attack: AttackSettings = AttackSettings()
+    retrain: RetrainConfig = RetrainConfig()
+    labeler: LabelerConfig = LabelerConfig()
+    test_images: int | None = Field(None, ge=1, description="test images attacked (None: the whole test split)")
+    pgd_eval: bool = Field(True, description="also report each retrained model's PGD accuracy")
+    figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
     device: Device = "auto"
 
 
@@ -116,10 +183,28 @@ def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
     return f"config {where}: {err['msg']} (got {err.get('input')!r}); fix the value"
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped in the package (`advretrain/configs/*.yaml`), by name."""
+    folder = Path(str(resources.files("advretrain") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file by path, or by the name of a packaged config (`default`, `cpu-quick`, `paper-cifar10`, ...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = packaged_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor one of {', '.join(shipped)}; check the name")
+
+
 def build_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Defaults ← YAML file ← overrides, validated into `cls`."""
+    """Defaults ← YAML file (a path or a packaged config's name) ← overrides, validated into `cls`."""
     tree: dict[str, Any] = {}
     if path is not None:
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as exc:
@@ -129,7 +214,9 @@ def build_config(cls: type[C], path: str | Path | None = None, overrides: list[s
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
         tree = loaded
-    tree = _merge(tree, parse_overrides(overrides))
+    # Start from the defaults so that a file or override sets single keys of dict-valued settings (attack keywords,
+    # retraining sizes) without dropping their other keys.
+    tree = _merge(_merge(cls().model_dump(mode="json"), tree), parse_overrides(overrides))
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:

@@ -106,8 +106,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 N×C×H×W images in [0,1] units (for the model's Normalize layer)."""
-    flat = images.transpose(0, 1).reshape(images.shape[1], -1).float() / 255  # C×(N·H·W)
+    """Per-channel mean and std of uint8 or [0,1] N×C×H×W images, in [0,1] units (for the Normalize layer)."""
+    flat = to_float(images.transpose(0, 1).reshape(images.shape[1], -1))  # C×(N·H·W)
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
@@ -188,7 +188,9 @@ def train(
                     "history": history,
                 },
             )
-    model.eval()
+    # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
+    # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
+    model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     result = TrainResult(model, history, resumed_from_epoch=start_epoch)
     if test is not None:
         result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)

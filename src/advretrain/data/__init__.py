@@ -34,7 +34,8 @@ _LOCAL_NAMES = {
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """A dataset held whole in memory. `images` is uint8 N×C×H×W; `labels` is int64 N."""
+    """A dataset held whole in memory. `images` is uint8 N×C×H×W (float32 in [0,1] for sets that mix in
+    adversarial images, which must not be rounded); `labels` is int64 N."""
 
     images: torch.Tensor
     labels: torch.Tensor

@@ -1,0 +1,362 @@
+"""The paper's protocol (METHOD.md 1.2) as stages with cached, resumable artifacts in a run directory.
+
+baseline f0 → per attack: adversarial pool (training images) + static adversarial test set, crafted against f0 →
+labels (oracle or k-NN) → per N: retrain on clean + N adversarial images → evaluate f1 (clean accuracy, accuracy on
+the static set, fooling ratio when attacked again — adaptive and replay —, 8-bit rounding, PGD accuracy).
+
+Every artifact lives in a folder named by a hash of what it depends on and counts as finished only once its
+`done.json` (or an adversarial set's `meta.json`) is written, last and atomically. A rerun of the same command
+reuses finished stages, resumes training from the last epoch and attacks from the last shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .advset import AdversarialSet, craft_adversarial_set, is_complete, load_adversarial_set
+from .attacks import GAP, PGD, build_attack
+from .checkpoint import load_model
+from .config import AttackName, ExperimentConfig
+from .data import ImageDataset
+from .device import resolve_device
+from .errors import ConfigError
+from .fooling import noise_images
+from .io import save_safetensors, write_json
+from .labeler import KNNLabeler, label_report
+from .metrics import attack_metrics
+from .models import Classifier, build_model, grow_head
+from .train import evaluate, predict, train
+
+log = logging.getLogger("advretrain.pipeline")
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Run:
+    """Where a run's artifacts go and how long each stage took."""
+
+    root: Path
+    cfg: ExperimentConfig
+    device: torch.device
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str) -> Path:
+        return self.root / "stages" / name
+
+    @staticmethod
+    def finished(folder: Path) -> dict[str, Any] | None:
+        done = folder / "done.json"
+        return json.loads(done.read_text()) if done.exists() else None
+
+    def finish(self, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+        write_json(folder / "done.json", info)
+        return info
+
+    def timed(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.perf_counter() - started, 2)
+
+
+def attack_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    return dict(getattr(cfg.attack, name))
+
+
+def check_sizes(cfg: ExperimentConfig, train_size: int) -> None:
+    """Fail before any work: every attack needs retraining sizes, none larger than the training set."""
+    for name in cfg.attacks:
+        sizes = cfg.retrain.sizes.get(name)
+        if not sizes:
+            raise ConfigError(f"retrain.sizes has no entry for attack {name!r}; add e.g. retrain.sizes.{name}=[1000]")
+        if max(sizes) > train_size or min(sizes) < 1:
+            raise ConfigError(
+                f"retrain.sizes.{name}={sizes}: N must lie in 1..{train_size} (the training set "
+                "size, which bounds the adversarial pool); lower it"
+            )
+        build_attack(name, **attack_params(cfg, name))  # unknown or invalid attack keywords fail here
+
+
+def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> tuple[Classifier, str]:
+    cfg = run.cfg
+    key = digest(cfg.data, cfg.model, cfg.train)
+    folder = run.stage(f"baseline-{key}")
+    if run.finished(folder):
+        log.info("baseline: reused %s", folder)
+        return load_model(folder, run.device), key
+    log.info("baseline: training %s on %d images → %s", cfg.model.name, len(train_set), folder)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, train_set.num_classes, train_set.image_size)
+    result = train(model, train_set, cfg.train, run.device, folder, test_set, run.progress)
+    run.finish(folder, {"test_accuracy": result.test_accuracy})
+    run.timed("baseline", started)
+    return result.model, key
+
+
+def fitted_gap(params: dict[str, Any], model: Classifier, images: torch.Tensor, file: Path, progress: bool) -> GAP:
+    gap = GAP(**params, progress=progress)
+    if file.exists():
+        return gap.load(file)
+    gap.fit(model, images)
+    gap.save(file)
+    return gap
+
+
+def craft(
+    run: Run,
+    attack: Any,
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    folder: Path,
+    meta: dict[str, Any],
+) -> AdversarialSet:
+    if is_complete(folder):
+        log.info("  reused %s", folder)
+    else:
+        log.info("  crafting %d adversarial images → %s", labels.shape[0], folder)
+        craft_adversarial_set(attack, model, images, labels, folder, meta, indices=indices)
+    return load_adversarial_set(folder)
+
+
+def pool_indices(cfg: ExperimentConfig, train_size: int, size: int) -> torch.Tensor:
+    """A seeded random subset of the training images; every smaller N takes a prefix of it."""
+    return torch.randperm(train_size, generator=torch.Generator().manual_seed(cfg.train.seed + 1))[:size]
+
+
+@dataclass
+class AttackArtifacts:
+    name: AttackName
+    key: str
+    attack: Any
+    pool: AdversarialSet
+    static: AdversarialSet
+
+
+def attack_stage(
+    run: Run, name: AttackName, f0: Classifier, f0_key: str, train_set: ImageDataset, test_eval: ImageDataset
+) -> AttackArtifacts:
+    cfg = run.cfg
+    params = attack_params(cfg, name)
+    pool_size = max(cfg.retrain.sizes[name])
+    key = digest(name, params, f0_key, pool_size, len(test_eval))
+    folder = run.stage(f"attack-{name}-{key}")
+    log.info(
+        "attack %s: against the baseline (pool %d training images, %d test images)", name, pool_size, len(test_eval)
+    )
+    started = time.perf_counter()
+    if name == "gap":
+        attack: Any = fitted_gap(params, f0, train_set.images, folder / "gap.safetensors", run.progress)
+    else:
+        attack = build_attack(name, **params)
+    meta = {"attack": name, "params": params, "data": run.cfg.data.dataset}
+    idx = pool_indices(cfg, len(train_set), pool_size)
+    pool = craft(
+        run,
+        attack,
+        f0,
+        train_set.images[idx],
+        train_set.labels[idx],
+        idx,
+        folder / "pool.advset",
+        {**meta, "split": "train"},
+    )
+    test_idx = torch.arange(len(test_eval))
+    static = craft(
+        run, attack, f0, test_eval.images, test_eval.labels, test_idx, folder / "test.advset", {**meta, "split": "test"}
+    )
+    run.timed(f"attack-{name}", started)
+    return AttackArtifacts(name, key, attack, pool, static)
+
+
+def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
+    cfg = run.cfg.labeler
+    pca_dims = min(cfg.pca_dims, len(train_set) - 1, int(train_set.images[0].numel()))
+    file = run.stage(f"labeler-{digest(run.cfg.data, cfg)}") / "labeler.safetensors"
+    if file.exists():
+        log.info("labeler: reused %s", file)
+        return KNNLabeler.load(file, run.device)
+    if pca_dims != cfg.pca_dims:
+        log.warning(
+            "labeler: pca_dims %d exceeds what %d images allow; using %d", cfg.pca_dims, len(train_set), pca_dims
+        )
+    log.info("labeler: PCA-%d + %d-NN on %d clean training images", pca_dims, cfg.k, len(train_set))
+    labeler = KNNLabeler(pca_dims, cfg.k, cfg.fooling_percentile, device=run.device)
+    labeler.fit(train_set.images, train_set.labels)
+    labeler.save(file)
+    return labeler
+
+
+def labels_for_retraining(run: Run, labeler: KNNLabeler, art: AttackArtifacts) -> torch.Tensor:
+    if run.cfg.retrain.labels == "oracle":
+        return art.pool.labels
+    return labeler.predict(art.pool.adversarial)
+
+
+def retrain_stage(
+    run: Run, art: AttackArtifacts, n: int, labels: torch.Tensor, f0_key: str, train_set: ImageDataset
+) -> tuple[Classifier, str]:
+    cfg = run.cfg
+    key = digest(art.key, n, cfg.retrain.mode, cfg.retrain.labels, cfg.retrain.finetune_epochs, f0_key)
+    folder = run.stage(f"retrain-{art.name}-N{n}-{key}")
+    if run.finished(folder):
+        log.info("retrain %s N=%d: reused %s", art.name, n, folder)
+        return load_model(folder, run.device), key
+    classes = max(train_set.num_classes, int(labels[:n].max()) + 1)  # k-NN labels may add fooling classes
+    names = train_set.classes + [f"fooling-{i}" for i in range(classes - train_set.num_classes)]
+    mixed = ImageDataset(
+        torch.cat([train_set.images.float() / 255, art.pool.adversarial[:n]]),
+        torch.cat([train_set.labels, labels[:n]]),
+        names,
+        f"{train_set.source}+{art.name}[:{n}]",
+    )
+    log.info(
+        "retrain %s N=%d: %s on %d clean + %d adversarial images → %s",
+        art.name,
+        n,
+        cfg.retrain.mode,
+        len(train_set),
+        n,
+        folder,
+    )
+    started = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    if cfg.retrain.mode == "scratch":
+        model = build_model(cfg.model.name, classes, train_set.image_size)
+        recipe = cfg.train
+    else:
+        model = load_model(run.stage(f"baseline-{f0_key}"), "cpu")
+        model = grow_head(model, classes - model.spec.num_classes) if classes > model.spec.num_classes else model
+        recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
+    result = train(model, mixed, recipe, run.device, folder, None, run.progress)
+    run.finish(folder, {"n": n})
+    run.timed(f"retrain-{art.name}-N{n}", started)
+    return result.model, key
+
+
+def readapt(run: Run, art: AttackArtifacts, model: Classifier, train_set: ImageDataset, folder: Path) -> Any:
+    """The attack rerun against `model`: white-box attacks as they are; GAP with its generator refitted."""
+    if art.name == "gap":
+        return fitted_gap(
+            attack_params(run.cfg, "gap"), model, train_set.images, folder / "gap.safetensors", run.progress
+        )
+    return art.attack
+
+
+def evaluate_stage(
+    run: Run,
+    art: AttackArtifacts,
+    n: int,
+    f1: Classifier,
+    f1_key: str,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> dict[str, Any]:
+    folder = run.stage(f"eval-{art.name}-N{n}-{f1_key}")
+    if done := run.finished(folder):
+        log.info("evaluate %s N=%d: reused %s", art.name, n, folder)
+        return done
+    log.info("evaluate %s N=%d: clean, static adversarial, replay, adaptive, PGD", art.name, n)
+    started = time.perf_counter()
+    clean = test_eval.images.float() / 255
+    labels = test_eval.labels
+    bs = run.cfg.train.eval_batch_size
+    replay = attack_metrics(f1, clean, art.static.adversarial, labels, batch_size=bs)
+    attack = readapt(run, art, f1, train_set, folder)
+    adaptive_set = attack(f1, clean, labels)
+    targets = adaptive_set.targets
+    adaptive = attack_metrics(f1, clean, adaptive_set.adversarial, labels, targets, batch_size=bs)
+    out: dict[str, Any] = {
+        "n": n,
+        "clean_accuracy": evaluate(f1, clean, labels, bs),
+        "adversarial_accuracy": replay["adversarial_accuracy"],  # the static set crafted against f0
+        "replay": replay,
+        "adaptive": adaptive,
+    }
+    if run.cfg.pgd_eval:
+        pgd = PGD(**attack_params(run.cfg, "pgd"))(f1, clean, labels)
+        out["pgd_accuracy"] = float((predict(f1, pgd.adversarial, bs).argmax(1).cpu() == labels).float().mean())
+    run.timed(f"eval-{art.name}-N{n}", started)
+    return run.finish(folder, out)
+
+
+def figure_data(run: Run, art: AttackArtifacts, f0: Classifier, test_eval: ImageDataset) -> None:
+    """The few images the original-vs-adversarial figure shows, so that `advretrain report` can redraw it."""
+    k = min(run.cfg.figure_images, len(test_eval))
+    clean = test_eval.images[:k].float() / 255
+    adv = art.static.adversarial[:k]
+    tensors = {
+        "clean": clean,
+        "adversarial": adv,
+        "labels": test_eval.labels[:k],
+        "clean_pred": predict(f0, clean).argmax(1).cpu(),
+        "adv_pred": predict(f0, adv).argmax(1).cpu(),
+    }
+    if isinstance(art.attack, GAP) and art.attack.perturbation is not None:
+        tensors["perturbation"] = art.attack.perturbation.cpu()
+    save_safetensors(
+        run.root / "figures" / f"{art.name}.safetensors", tensors, {"classes": json.dumps(test_eval.classes)}
+    )
+
+
+def run_experiment(
+    cfg: ExperimentConfig, root: Path, train_set: ImageDataset, test_set: ImageDataset, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the whole protocol; returns the results that `results.json` holds."""
+    run = Run(root, cfg, resolve_device(cfg.device), progress)
+    check_sizes(cfg, len(train_set))
+    test_eval = test_set.subset(torch.arange(min(cfg.test_images or len(test_set), len(test_set))))
+    f0, f0_key = baseline(run, train_set, test_set)
+    labeler = labeler_stage(run, train_set)
+    fooling = noise_images(500, tuple(train_set.images.shape[1:]))  # type: ignore[arg-type]
+    results: dict[str, Any] = {
+        "dataset": cfg.data.dataset,
+        "classes": train_set.num_classes,
+        "model": cfg.model.name,
+        "train_images": len(train_set),
+        "test_images": len(test_eval),
+        "baseline": {"test_accuracy": evaluate(f0, test_set.images, test_set.labels, cfg.train.eval_batch_size)},
+        "retrain_mode": cfg.retrain.mode,
+        "retrain_labels": cfg.retrain.labels,
+        "attacks": {},
+    }
+    for name in cfg.attacks:
+        art = attack_stage(run, name, f0, f0_key, train_set, test_eval)
+        clean = test_eval.images.float() / 255
+        targets = art.static.targets if bool((art.static.targets >= 0).all()) else None
+        initial = attack_metrics(
+            f0, clean, art.static.adversarial, test_eval.labels, targets, cfg.train.eval_batch_size
+        )
+        report = label_report(
+            labeler,
+            (art.pool.adversarial, art.pool.labels, art.pool.indices),
+            (art.static.adversarial, art.static.labels),
+            (test_eval.images, test_eval.labels),
+            fooling,
+        )
+        report.pop("seconds")
+        labels = labels_for_retraining(run, labeler, art)
+        figure_data(run, art, f0, test_eval)
+        rows = []
+        for n in sorted(cfg.retrain.sizes[name], reverse=True):
+            f1, f1_key = retrain_stage(run, art, n, labels, f0_key, train_set)
+            rows.append(evaluate_stage(run, art, n, f1, f1_key, train_set, test_eval))
+        results["attacks"][name] = {
+            "params": attack_params(cfg, name),
+            "initial": initial,
+            "labels": report,
+            "retrain": rows,
+        }
+    write_json(root / "timings.json", run.timings)
+    return results

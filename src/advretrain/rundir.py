@@ -1,0 +1,76 @@
+"""The run directory's bookkeeping: one writer at a time, the config it was made with, the environment."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import AdvretrainError
+from .io import write_yaml
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run directory: a second run on it stops with a clear message."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole run)
+    except OSError as exc:
+        raise AdvretrainError(f"cannot write to {run_dir}: {exc.strerror}; choose a writable --out") from exc
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise AdvretrainError(
+            f"{run_dir} is in use by another advretrain run; wait for it or choose another --out"
+        ) from exc
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def record_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Save the resolved config; a run directory made with another config is refused, not overwritten."""
+    path = run_dir / "config.yaml"
+    if path.exists() and yaml.safe_load(path.read_text()) != config:
+        raise AdvretrainError(f"{run_dir} holds a run of a different config; use a fresh --out (or the same config)")
+    write_yaml(path, config)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    packages = {}
+    for name in ("advretrain", "torch", "numpy", "scikit-learn", "pillow", "safetensors", "pydantic"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            packages[name] = metadata.version(name)
+    return {
+        "packages": packages,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }

@@ -1,0 +1,125 @@
+"""`advretrain run` end to end on a tiny protocol: every table and figure, a byte-identical `report`, and a run
+killed (SIGKILL) inside a retraining stage that resumes without redoing finished work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "data.train_per_class=20",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "test_images=20",
+    "labeler.pca_dims=20",
+    "retrain.sizes={gap: [20, 10], fgsm: [20, 10], deepfool: [20], cw: [20]}",
+    "attack.cw.steps=5",
+    "attack.cw.binary_search_steps=2",
+    "attack.deepfool.steps=5",
+    "attack.gap.epochs=1",
+    "attack.gap.holdout=40",
+    "attack.pgd.steps=2",
+    "figure_images=4",
+    "device=cpu",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: bitwise-reproducible and no oversubscription
+
+
+def advretrain(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "advretrain", "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    finish(advretrain("run", "--out", str(run_dir), *TINY))
+    return run_dir
+
+
+def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
+    tables = (finished_run / "tables.md").read_text()
+    for number in (1, 3, 4, 5, 7):  # CIFAR-10 family: GAP → 1, DeepFool → 3, C&W → 4, FGSM → 5, labels → 7
+        assert f"## Table {number}:" in tables
+    assert "| 20 |" in tables and "| 10 |" in tables and "92.25% / 91.09% / 13%" not in tables  # N=20 is not N=50k
+    for name in ("gap", "deepfool", "cw", "fgsm", "gap_perturbation", "vs_n"):
+        png = finished_run / f"figure_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((finished_run / "results.json").read_text())
+    assert set(results["attacks"]) == {"gap", "deepfool", "cw", "fgsm"}
+    gap = results["attacks"]["gap"]
+    assert [row["n"] for row in gap["retrain"]] == [20, 10]
+    for row in gap["retrain"]:
+        assert {"clean_accuracy", "adversarial_accuracy", "replay", "adaptive", "pgd_accuracy"} <= set(row)
+        assert 0 <= row["adaptive"]["fooling_ratio"] <= 1
+    assert gap["labels"]["exact_source_retrieval"] == 1.0  # pool sources are in the reference set
+    for name in ("config.yaml", "environment.json", "run.log", "tables.csv", "timings.json"):
+        assert (finished_run / name).exists()
+
+
+def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:
+    before = {name: (finished_run / name).read_bytes() for name in ("tables.md", "tables.csv", "figure_vs_n.png")}
+    for name in before:
+        (finished_run / name).unlink()
+    finish(advretrain("report", str(finished_run)))
+    assert {name: (finished_run / name).read_bytes() for name in before} == before
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    proc = advretrain("run", "--out", str(run_dir), *TINY)
+    deadline = time.time() + 300
+    killed_in = None
+    while time.time() < deadline and proc.poll() is None:
+        states = list((run_dir / "stages").glob("retrain-*/train_state.pt")) if (run_dir / "stages").exists() else []
+        if states:  # a retraining stage has finished an epoch and not the next: kill it there
+            killed_in = states[0].parent
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_in is not None, "the run ended before a retraining stage could be killed"
+    assert not (killed_in / "done.json").exists()
+    finished_before = sorted(p.parent.name for p in (run_dir / "stages").glob("*/done.json"))
+    finish(advretrain("run", "--out", str(run_dir), *TINY))
+    log = (run_dir / "run.log").read_text().split("run default:")[-1]  # the second run's part
+    for stage in finished_before:
+        assert stage in log and "reused" in log
+    assert "baseline: reused" in log and "resuming training from the checkpoint of epoch" in log
+    assert (run_dir / "results.json").read_text() == (finished_run / "results.json").read_text()
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = advretrain("run", "--out", str(run_dir), *TINY)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "is in use by another advretrain run" in err
+
+
+def test_retraining_size_larger_than_the_pool_is_refused(tmp_path: Path) -> None:
+    proc = advretrain("run", "--out", str(tmp_path / "r"), *TINY, "retrain.sizes.gap=[999999]")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "retrain.sizes.gap=[999999]: N must lie in 1..200" in err
