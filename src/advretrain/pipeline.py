@@ -294,12 +294,13 @@ def evaluate_stage(
 def figure_data(run: Run, art: AttackArtifacts, f0: Classifier, test_eval: ImageDataset) -> None:
     """The few images the original-vs-adversarial figure shows, so that `advretrain report` can redraw it."""
     k = min(run.cfg.figure_images, len(test_eval))
-    clean = test_eval.images[:k].float() / 255
-    adv = art.static.adversarial[:k]
+    pick = torch.linspace(0, len(test_eval) - 1, k).long()  # spread over the split, which is in class order
+    clean = test_eval.images[pick].float() / 255
+    adv = art.static.adversarial[pick]
     tensors = {
         "clean": clean,
         "adversarial": adv,
-        "labels": test_eval.labels[:k],
+        "labels": test_eval.labels[pick],
         "clean_pred": predict(f0, clean).argmax(1).cpu(),
         "adv_pred": predict(f0, adv).argmax(1).cpu(),
     }
