@@ -47,6 +47,8 @@ def speed_against_sklearn(train_x: torch.Tensor, train_y: torch.Tensor, queries:
 def cifar(args: argparse.Namespace) -> None:
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     speed_against_sklearn(train.images, train.labels, test.images, 300)
+    if args.speed_only:
+        return
     model = load_model(args.checkpoint)
     labeler = KNNLabeler(pca_dims=300, fooling_percentile=args.percentile).fit(train.images, train.labels)
     rng = torch.Generator().manual_seed(0)
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--fooling", type=int, default=500)
     parser.add_argument("--percentile", type=float, default=99.9)
     parser.add_argument("--tiny-scale", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the comparison with scikit-learn")
     args = parser.parse_args()
     if args.tiny_scale:
         tiny_scale()

@@ -35,24 +35,26 @@ def flatten(images: torch.Tensor) -> torch.Tensor:
 def fit_pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D) and the top `dims` principal directions (D×dims), by eigh of the covariance: right when N ≫ D.
 
-    The covariance is accumulated in float64: float32 sums over 10^5 images lose the small eigenvalues.
+    Each chunk's Gram matrix is a float32 GEMM on centred data (the fast path, as scikit-learn's covariance_eigh);
+    the chunks are summed and decomposed in float64, so the small eigenvalues survive.
     """
-    mean = x.mean(0, dtype=torch.float64)
+    mean = x.mean(0, dtype=torch.float64).float()
     cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], 8192):  # chunks bound the float64 copy
-        chunk = x[start : start + 8192].double() - mean
-        cov += chunk.T @ chunk
+    for start in range(0, x.shape[0], 8192):  # chunks bound the centred copy
+        chunk = x[start : start + 8192] - mean
+        cov += (chunk.T @ chunk).double()
     cov /= max(1, x.shape[0] - 1)
     _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
     components = vectors[:, -dims:].flip(1)  # D×dims, largest first
     # Sign convention (as scikit-learn's svd_flip): the largest-magnitude entry of each component is positive.
     signs = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
-    return mean.float(), (components * signs).float()
+    return mean, (components * signs).float()
 
 
 def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
     """||a_i − b_j||² for a: Q×d, b: N×d (b_sq: N precomputed) → Q×N, clamped at 0 against rounding."""
-    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + b_sq).clamp_min_(0)
+    d2 = torch.addmm(b_sq, a, b.T, alpha=-2)  # b_sq − 2ab in one pass: the Q×N block is the memory cost
+    return d2.add_((a * a).sum(1, keepdim=True)).clamp_min_(0)
 
 
 def knn(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,10 @@ def knn(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int = 1024) ->
     dists, idx = [], []
     for start in range(0, queries.shape[0], chunk):
         d2 = pairwise_sq_dist(queries[start : start + chunk], refs, refs_sq)
-        values, indices = d2.topk(k, dim=1, largest=False)  # sorted ascending
+        if k == 1:  # the paper's case: a min is much cheaper than a top-k
+            values, indices = d2.min(1, keepdim=True)
+        else:
+            values, indices = d2.topk(k, dim=1, largest=False)  # sorted ascending
         dists.append(values.sqrt())
         idx.append(indices)
     if not dists:
