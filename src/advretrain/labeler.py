@@ -35,8 +35,9 @@ def flatten(images: torch.Tensor) -> torch.Tensor:
 def fit_pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D) and the top `dims` principal directions (D×dims), by eigh of the covariance: right when N ≫ D.
 
-    Each chunk's Gram matrix is a float32 GEMM on centred data (the fast path, as scikit-learn's covariance_eigh);
-    the chunks are summed and decomposed in float64, so the small eigenvalues survive.
+    Each chunk's Gram matrix is a float32 GEMM on centred data and the eigendecomposition is float32, as
+    scikit-learn's covariance_eigh does (float64 eigh measured 2x slower for the same top components); the chunks
+    are summed in float64.
     """
     mean = x.mean(0, dtype=torch.float64).float()
     cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
@@ -44,11 +45,11 @@ def fit_pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = x[start : start + 8192] - mean
         cov += (chunk.T @ chunk).double()
     cov /= max(1, x.shape[0] - 1)
-    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    _, vectors = torch.linalg.eigh(cov.float())  # ascending eigenvalues
     components = vectors[:, -dims:].flip(1)  # D×dims, largest first
     # Sign convention (as scikit-learn's svd_flip): the largest-magnitude entry of each component is positive.
     signs = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
-    return mean, (components * signs).float()
+    return mean, components * signs
 
 
 def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
