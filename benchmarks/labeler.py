@@ -50,7 +50,7 @@ def cifar(args: argparse.Namespace) -> None:
     if args.speed_only:
         return
     model = load_model(args.checkpoint)
-    labeler = KNNLabeler(pca_dims=300, fooling_percentile=args.percentile).fit(train.images, train.labels)
+    labeler = KNNLabeler(pca_dims=300, fooling_percentile=args.percentile or None).fit(train.images, train.labels)
     rng = torch.Generator().manual_seed(0)
     sources = torch.randperm(len(train), generator=rng)[: args.queries]
     test_idx = torch.arange(min(args.queries, len(test)))
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--gap", help="a fitted GAP (.safetensors) for the universal perturbation")
     parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--fooling", type=int, default=500)
-    parser.add_argument("--percentile", type=float, default=99.9)
+    parser.add_argument("--percentile", type=float, default=99.9, help="0: no fooling-image branch")
     parser.add_argument("--tiny-scale", action="store_true")
     parser.add_argument("--speed-only", action="store_true", help="only the comparison with scikit-learn")
     args = parser.parse_args()
