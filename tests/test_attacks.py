@@ -143,7 +143,7 @@ def test_gap_learns_one_bounded_universal_perturbation() -> None:
     train_x, _ = brightness_task(600, seed=1)
     test_x, test_y = brightness_task(400, seed=2)
     assert (model(test_x).argmax(1) == test_y).float().mean() > 0.95
-    gap = GAP(eps=10 / 255, lr=0.01, epochs=8, batch_size=32, holdout=100, ngf=8).fit(model, train_x)
+    gap = GAP(eps=10 / 255, lr=0.01, epochs=3, batch_size=32, holdout=100, ngf=8).fit(model, train_x)
     u = gap.perturbation
     assert u is not None and u.shape == (1, 3, 16, 16)
     assert torch.allclose(u.abs().amax(dim=(0, 2, 3)), torch.full((3,), 10 / 255))  # every channel at the bound
