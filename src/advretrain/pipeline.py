@@ -317,7 +317,10 @@ def run_experiment(
     """Run (or resume) the whole protocol; returns the results that `results.json` holds."""
     run = Run(root, cfg, resolve_device(cfg.device), progress)
     check_sizes(cfg, len(train_set))
-    test_eval = test_set.subset(torch.arange(min(cfg.test_images or len(test_set), len(test_set))))
+    # A seeded random subset in split order: the split is class-major, so its first images would be one class.
+    n_eval = min(cfg.test_images or len(test_set), len(test_set))
+    pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.train.seed + 2))[:n_eval]
+    test_eval = test_set.subset(pick.sort().values)
     f0, f0_key = baseline(run, train_set, test_set)
     labeler = labeler_stage(run, train_set)
     fooling = noise_images(500, tuple(train_set.images.shape[1:]))  # type: ignore[arg-type]
