@@ -148,7 +148,8 @@ class KNNLabeler:
                 n_hold = min(self.holdout, x.shape[0] // 5)
                 order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
                 fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
-        self.mean, self.components = fit_pca(x[fit_rows.to(x.device)], self.pca_dims)
+        fit_x = x if fit_rows.numel() == x.shape[0] else x[fit_rows.to(x.device)]  # no copy unless holding out
+        self.mean, self.components = fit_pca(fit_x, self.pca_dims)
         self.ref_features = self.project(x)
         self.ref_labels = labels.to(self.device).long()
         self.num_classes = int(labels.max()) + 1
@@ -169,9 +170,10 @@ class KNNLabeler:
         return self.mean, self.components
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened [0,1] N×D → PCA coordinates N×pca_dims."""
+        """Flattened [0,1] N×D → PCA coordinates N×pca_dims, in chunks: no centred copy of all of x."""
         mean, components = self._basis()
-        return (x.to(self.device) - mean) @ components
+        chunks = [(x[i : i + 8192].to(self.device) - mean) @ components for i in range(0, x.shape[0], 8192)]
+        return torch.cat(chunks) if chunks else torch.empty(0, components.shape[1], device=self.device)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """PCA reconstruction residual ||(x − μ) − P Pᵀ(x − μ)|| per image (N), the out-of-distribution score."""
