@@ -12,8 +12,6 @@ import argparse
 import logging
 import time
 
-import torch
-
 from advretrain import load_dataset, load_model
 from advretrain.attacks import GAP
 from advretrain.metrics import attack_metrics
@@ -51,5 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     main()

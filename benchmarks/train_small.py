@@ -81,7 +81,6 @@ def main() -> None:
     args = parser.parse_args()
     job = build_config(TrainJob, args.config, [f"data.dataset={args.data}"])
     train_set, test_set = load_dataset(args.data, "train"), load_dataset(args.data, "test")
-    torch.set_num_threads(torch.get_num_threads())
     plain = plain_loop_images_per_second(job, train_set.images, train_set.labels, args.steps)
     ours = ours_images_per_second(job, train_set.images, train_set.labels, args.steps)
     print(

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -128,6 +127,4 @@ def load_dataset(
     return ImageDataset(images, labels, classes, source=f"{spec}:{which}")
 
 
-SplitName = Literal["train", "test", "val"]
-
-__all__ = ["NAMED", "ImageDataset", "SplitName", "data_root", "load_dataset", "resolve", "sample_path"]
+__all__ = ["NAMED", "ImageDataset", "data_root", "load_dataset", "resolve", "sample_path"]
