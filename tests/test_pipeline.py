@@ -123,3 +123,19 @@ def test_retraining_size_larger_than_the_pool_is_refused(tmp_path: Path) -> None
     proc = advretrain("run", "--out", str(tmp_path / "r"), *TINY, "retrain.sizes.gap=[999999]")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "retrain.sizes.gap=[999999]: N must lie in 1..200" in err
+
+
+def test_arms_race_attacks_each_rounds_model_and_accumulates_adversarials(tmp_path: Path) -> None:
+    run_dir = tmp_path / "race"
+    finish(advretrain("run", "--out", str(run_dir), *TINY, "attacks=[fgsm]", "retrain.rounds=3"))
+    results = json.loads((run_dir / "results.json").read_text())
+    rounds = results["attacks"]["fgsm"]["rounds"]
+    assert [r["round"] for r in rounds] == [2, 3]
+    for r in rounds:
+        assert 0 <= r["initial"]["fooling_ratio"] <= 1 and r["retrain"]["n"] == 20
+    # one pool per round, each crafted against a different model (the stage key holds the attacked model's key)
+    assert len(list((run_dir / "stages").glob("attack-fgsm-*"))) == 3
+    log = (run_dir / "run.log").read_text()
+    assert "attack fgsm: against the round-2 model" in log
+    assert "retrain fgsm-round3 N=20: scratch on 200 clean + 60 adversarial images" in log
+    assert "Arms race (not in the paper)" in (run_dir / "tables.md").read_text()

@@ -105,6 +105,8 @@ class RetrainConfig(Frozen):
     mode: Literal["scratch", "finetune"] = Field("scratch", description="retrain from scratch (paper) or fine-tune f0")
     finetune_epochs: int = Field(5, ge=1, description="epochs when fine-tuning")
     labels: Literal["oracle", "knn"] = Field("oracle", description="labels of adversarial training images")
+    # Not in the paper (METHOD.md 5): does the defence hold when the attacker answers the retrained model?
+    rounds: int = Field(1, ge=1, description="arms race: attack → retrain repeated; rounds after the first: largest N")
 
 
 class LabelerConfig(Frozen):

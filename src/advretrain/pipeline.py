@@ -145,16 +145,20 @@ class AttackArtifacts:
 
 
 def attack_stage(
-    run: Run, name: AttackName, f0: Classifier, f0_key: str, train_set: ImageDataset, test_eval: ImageDataset
+    run: Run,
+    name: AttackName,
+    f0: Classifier,
+    f0_key: str,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+    target: str = "the baseline",
 ) -> AttackArtifacts:
     cfg = run.cfg
     params = attack_params(cfg, name)
     pool_size = max(cfg.retrain.sizes[name])
     key = digest(name, params, f0_key, pool_size, len(test_eval))
     folder = run.stage(f"attack-{name}-{key}")
-    log.info(
-        "attack %s: against the baseline (pool %d training images, %d test images)", name, pool_size, len(test_eval)
-    )
+    log.info("attack %s: against %s (pool %d training images, %d test images)", name, target, pool_size, len(test_eval))
     started = time.perf_counter()
     if name == "gap":
         attack: Any = fitted_gap(params, f0, train_set.images, folder / "gap.safetensors", run.progress)
@@ -204,30 +208,49 @@ def labels_for_retraining(run: Run, labeler: KNNLabeler, art: AttackArtifacts) -
     return labeler.predict(art.pool.adversarial)
 
 
+def retrain_folder(run: Run, name: str, tag: str, n: int, key: str) -> Path:
+    return run.stage(f"retrain-{name}{tag}-N{n}-{key}")
+
+
 def retrain_stage(
-    run: Run, art: AttackArtifacts, n: int, labels: torch.Tensor, f0_key: str, train_set: ImageDataset
+    run: Run,
+    parts: list[tuple[AttackArtifacts, torch.Tensor]],
+    n: int,
+    start: tuple[Path, str],
+    train_set: ImageDataset,
+    tag: str = "",
 ) -> tuple[Classifier, str]:
+    """Train on the clean set + the first `n` images of each (pool, labels) in `parts`.
+
+    One part is the paper's protocol; an arms race adds one part per round. `start` is the model fine-tuning starts
+    from (its stage folder and key): the baseline in the first round, the previous round's model after it.
+    """
     cfg = run.cfg
-    key = digest(art.key, n, cfg.retrain.mode, cfg.retrain.labels, cfg.retrain.finetune_epochs, f0_key)
-    folder = run.stage(f"retrain-{art.name}-N{n}-{key}")
+    name = parts[0][0].name
+    key = digest(
+        *(art.key for art, _ in parts), n, cfg.retrain.mode, cfg.retrain.labels, cfg.retrain.finetune_epochs, start[1]
+    )
+    folder = retrain_folder(run, name, tag, n, key)
     if run.finished(folder):
-        log.info("retrain %s N=%d: reused %s", art.name, n, folder)
+        log.info("retrain %s%s N=%d: reused %s", name, tag, n, folder)
         return load_model(folder, run.device), key
-    classes = max(train_set.num_classes, int(labels[:n].max()) + 1)  # k-NN labels may add fooling classes
+    # k-NN labels may add fooling classes
+    classes = max(train_set.num_classes, *(int(labels[:n].max()) + 1 for _, labels in parts))
     names = train_set.classes + [f"fooling-{i}" for i in range(classes - train_set.num_classes)]
     mixed = ImageDataset(
-        torch.cat([train_set.images.float() / 255, art.pool.adversarial[:n]]),
-        torch.cat([train_set.labels, labels[:n]]),
+        torch.cat([train_set.images.float() / 255, *(art.pool.adversarial[:n] for art, _ in parts)]),
+        torch.cat([train_set.labels, *(labels[:n] for _, labels in parts)]),
         names,
-        f"{train_set.source}+{art.name}[:{n}]",
+        f"{train_set.source}+{name}[:{n}]x{len(parts)}",
     )
     log.info(
-        "retrain %s N=%d: %s on %d clean + %d adversarial images → %s",
-        art.name,
+        "retrain %s%s N=%d: %s on %d clean + %d adversarial images → %s",
+        name,
+        tag,
         n,
         cfg.retrain.mode,
         len(train_set),
-        n,
+        n * len(parts),
         folder,
     )
     started = time.perf_counter()
@@ -236,12 +259,12 @@ def retrain_stage(
         model = build_model(cfg.model.name, classes, train_set.image_size)
         recipe = cfg.train
     else:
-        model = load_model(run.stage(f"baseline-{f0_key}"), "cpu")
+        model = load_model(start[0], "cpu")
         model = grow_head(model, classes - model.spec.num_classes) if classes > model.spec.num_classes else model
         recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
     result = train(model, mixed, recipe, run.device, folder, None, run.progress)
     run.finish(folder, {"n": n})
-    run.timed(f"retrain-{art.name}-N{n}", started)
+    run.timed(f"retrain-{name}{tag}-N{n}", started)
     return result.model, key
 
 
@@ -262,12 +285,13 @@ def evaluate_stage(
     f1_key: str,
     train_set: ImageDataset,
     test_eval: ImageDataset,
+    tag: str = "",
 ) -> dict[str, Any]:
-    folder = run.stage(f"eval-{art.name}-N{n}-{f1_key}")
+    folder = run.stage(f"eval-{art.name}{tag}-N{n}-{f1_key}")
     if done := run.finished(folder):
-        log.info("evaluate %s N=%d: reused %s", art.name, n, folder)
+        log.info("evaluate %s%s N=%d: reused %s", art.name, tag, n, folder)
         return done
-    log.info("evaluate %s N=%d: clean, static adversarial, replay, adaptive, PGD", art.name, n)
+    log.info("evaluate %s%s N=%d: clean, static adversarial, replay, adaptive, PGD", art.name, tag, n)
     started = time.perf_counter()
     clean = test_eval.images.float() / 255
     labels = test_eval.labels
@@ -287,7 +311,7 @@ def evaluate_stage(
     if run.cfg.pgd_eval:
         pgd = PGD(**attack_params(run.cfg, "pgd"))(f1, clean, labels)
         out["pgd_accuracy"] = float((predict(f1, pgd.adversarial, bs).argmax(1).cpu() == labels).float().mean())
-    run.timed(f"eval-{art.name}-N{n}", started)
+    run.timed(f"eval-{art.name}{tag}-N{n}", started)
     return run.finish(folder, out)
 
 
@@ -309,6 +333,79 @@ def figure_data(run: Run, art: AttackArtifacts, f0: Classifier, test_eval: Image
     save_safetensors(
         run.root / "figures" / f"{art.name}.safetensors", tensors, {"classes": json.dumps(test_eval.classes)}
     )
+
+
+def initial_metrics(run: Run, model: Classifier, art: AttackArtifacts, test_eval: ImageDataset) -> dict[str, float]:
+    """How well the attack fools the model it was crafted against, on the static test set."""
+    targets = art.static.targets if bool((art.static.targets >= 0).all()) else None
+    clean = test_eval.images.float() / 255
+    return attack_metrics(
+        model, clean, art.static.adversarial, test_eval.labels, targets, run.cfg.train.eval_batch_size
+    )
+
+
+def attack_experiment(
+    run: Run,
+    name: AttackName,
+    f0: tuple[Classifier, str],
+    labeler: KNNLabeler,
+    fooling: torch.Tensor,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> dict[str, Any]:
+    """One attack's table: craft against f0, label, retrain at every N, evaluate; then the optional arms race."""
+    cfg = run.cfg
+    art = attack_stage(run, name, f0[0], f0[1], train_set, test_eval)
+    report = label_report(
+        labeler,
+        (art.pool.adversarial, art.pool.labels, art.pool.indices),
+        (art.static.adversarial, art.static.labels),
+        (test_eval.images, test_eval.labels),
+        fooling,
+    )
+    report.pop("seconds")
+    labels = labels_for_retraining(run, labeler, art)
+    figure_data(run, art, f0[0], test_eval)
+    rows = []
+    largest: tuple[Classifier, str] = f0
+    baseline_folder = run.stage(f"baseline-{f0[1]}")
+    for n in sorted(cfg.retrain.sizes[name], reverse=True):
+        f1, f1_key = retrain_stage(run, [(art, labels)], n, (baseline_folder, f0[1]), train_set)
+        rows.append(evaluate_stage(run, art, n, f1, f1_key, train_set, test_eval))
+        largest = (f1, f1_key) if n == max(cfg.retrain.sizes[name]) else largest
+    out: dict[str, Any] = {
+        "params": attack_params(cfg, name),
+        "initial": initial_metrics(run, f0[0], art, test_eval),
+        "labels": report,
+        "retrain": rows,
+    }
+    if cfg.retrain.rounds > 1:
+        out["rounds"] = arms_race(run, name, [(art, labels)], largest, labeler, train_set, test_eval)
+    return out
+
+
+def arms_race(
+    run: Run,
+    name: AttackName,
+    parts: list[tuple[AttackArtifacts, torch.Tensor]],
+    defender: tuple[Classifier, str],
+    labeler: KNNLabeler,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> list[dict[str, Any]]:
+    """Rounds 2..R: attack the last retrained model, retrain on clean + every round's N adversarials, evaluate."""
+    n = max(run.cfg.retrain.sizes[name])
+    rounds = []
+    for r in range(2, run.cfg.retrain.rounds + 1):
+        tag = f"-round{r}"
+        previous = retrain_folder(run, name, "" if r == 2 else f"-round{r - 1}", n, defender[1])
+        art = attack_stage(run, name, defender[0], defender[1], train_set, test_eval, f"the round-{r - 1} model")
+        initial = initial_metrics(run, defender[0], art, test_eval)
+        parts = [*parts, (art, labels_for_retraining(run, labeler, art))]
+        defender = retrain_stage(run, parts, n, (previous, defender[1]), train_set, tag)
+        row = evaluate_stage(run, art, n, defender[0], defender[1], train_set, test_eval, tag)
+        rounds.append({"round": r, "initial": initial, "retrain": row})
+    return rounds
 
 
 def run_experiment(
@@ -336,31 +433,6 @@ def run_experiment(
         "attacks": {},
     }
     for name in cfg.attacks:
-        art = attack_stage(run, name, f0, f0_key, train_set, test_eval)
-        clean = test_eval.images.float() / 255
-        targets = art.static.targets if bool((art.static.targets >= 0).all()) else None
-        initial = attack_metrics(
-            f0, clean, art.static.adversarial, test_eval.labels, targets, cfg.train.eval_batch_size
-        )
-        report = label_report(
-            labeler,
-            (art.pool.adversarial, art.pool.labels, art.pool.indices),
-            (art.static.adversarial, art.static.labels),
-            (test_eval.images, test_eval.labels),
-            fooling,
-        )
-        report.pop("seconds")
-        labels = labels_for_retraining(run, labeler, art)
-        figure_data(run, art, f0, test_eval)
-        rows = []
-        for n in sorted(cfg.retrain.sizes[name], reverse=True):
-            f1, f1_key = retrain_stage(run, art, n, labels, f0_key, train_set)
-            rows.append(evaluate_stage(run, art, n, f1, f1_key, train_set, test_eval))
-        results["attacks"][name] = {
-            "params": attack_params(cfg, name),
-            "initial": initial,
-            "labels": report,
-            "retrain": rows,
-        }
+        results["attacks"][name] = attack_experiment(run, name, (f0, f0_key), labeler, fooling, train_set, test_eval)
     write_json(root / "timings.json", run.timings)
     return results

@@ -101,6 +101,33 @@ def table_rows(name: str, attack: dict[str, Any], fam: str) -> tuple[list[str], 
     return header, rows
 
 
+def arms_race_rows(attack: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "Round",
+        "FR against the previous model",
+        "Acc. original",
+        "Acc. adversarial",
+        "FR adaptive",
+        "FR replay",
+        "PGD accuracy",
+    ]
+    first = max(attack["retrain"], key=lambda row: row["n"])
+    entries = [(1, attack["initial"], first)] + [(r["round"], r["initial"], r["retrain"]) for r in attack["rounds"]]
+    rows = [
+        [
+            str(number),
+            pct(initial["fooling_ratio"]),
+            pct(row["clean_accuracy"]),
+            pct(row["adversarial_accuracy"]),
+            pct(row["adaptive"]["fooling_ratio"]),
+            pct(row["replay"]["fooling_ratio"]),
+            pct(row.get("pgd_accuracy")),
+        ]
+        for number, initial, row in entries
+    ]
+    return header, rows
+
+
 def fmt_l2(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
@@ -163,6 +190,18 @@ def build_tables(results: dict[str, Any]) -> tuple[str, list[list[str]]]:
         for row in rows:
             csv_rows += [
                 [str(number), name, row[0], col, value] for col, value in zip(header[1:], row[1:], strict=True)
+            ]
+        if attack.get("rounds"):
+            header, rows = arms_race_rows(attack)
+            md.append(
+                f"Arms race (not in the paper): each round attacks the previous round's model and retrains on the "
+                f"clean set + N={attack['retrain'][0]['n']} adversarial images of every round so far.\n"
+            )
+            md.append(markdown(header, rows) + "\n")
+            csv_rows += [
+                [f"{number}-rounds", name, row[0], col, value]
+                for row in rows
+                for col, value in zip(header[1:], row[1:], strict=True)
             ]
     md.append("## Table 7: true labels of adversarial images by PCA + 1-NN\n")
     dims, pca, paper_acc = PAPER_LABELS[fam]
