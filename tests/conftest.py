@@ -15,6 +15,16 @@ from PIL import Image
 CLASSES = ["airplane", "automobile", "bird"]
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted tiny run: the reference that killed and resumed runs must equal byte for byte."""
+    from tiny_run import TINY, advretrain, finish
+
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    finish(advretrain("run", "--out", str(run_dir), *TINY))
+    return run_dir
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own dataset cache and data root: no test reads another's state or the user's."""

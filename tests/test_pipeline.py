@@ -4,55 +4,10 @@ killed (SIGKILL) inside a retraining stage that resumes without redoing finished
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
-
-TINY = [
-    "data.train_per_class=20",
-    "train.epochs=3",
-    "train.batch_size=32",
-    "test_images=20",
-    "labeler.pca_dims=20",
-    "retrain.sizes={gap: [20, 10], fgsm: [20, 10], deepfool: [20], cw: [20]}",
-    "attack.cw.steps=5",
-    "attack.cw.binary_search_steps=2",
-    "attack.deepfool.steps=5",
-    "attack.gap.epochs=1",
-    "attack.gap.holdout=40",
-    "attack.pgd.steps=2",
-    "figure_images=4",
-    "device=cpu",
-]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: bitwise-reproducible and no oversubscription
-
-
-def advretrain(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "advretrain", "-q", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-
-
-def finish(proc: subprocess.Popen[str]) -> str:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run") / "r"
-    finish(advretrain("run", "--out", str(run_dir), *TINY))
-    return run_dir
+from tiny_run import TINY, advretrain, finish
 
 
 def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
@@ -85,25 +40,18 @@ def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:
 
 def test_killed_run_resumes_without_redoing_finished_stages(finished_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    proc = advretrain("run", "--out", str(run_dir), *TINY)
-    deadline = time.time() + 300
-    killed_in = None
-    while time.time() < deadline and proc.poll() is None:
-        states = list((run_dir / "stages").glob("retrain-*/train_state.pt")) if (run_dir / "stages").exists() else []
-        if states:  # a retraining stage has finished an epoch and not the next: kill it there
-            killed_in = states[0].parent
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert killed_in is not None, "the run ended before a retraining stage could be killed"
+    # the baseline trains 3 epochs: the 4th epoch checkpoint is the first retraining's first epoch
+    proc = advretrain("run", "--out", str(run_dir), *TINY, kill_at="train-epoch:4")
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    killed_in = next((run_dir / "stages").glob("retrain-*/train_state.pt")).parent
     assert not (killed_in / "done.json").exists()
     finished_before = sorted(p.parent.name for p in (run_dir / "stages").glob("*/done.json"))
     finish(advretrain("run", "--out", str(run_dir), *TINY))
     log = (run_dir / "run.log").read_text().split("run default:")[-1]  # the second run's part
     for stage in finished_before:
         assert stage in log and "reused" in log
-    assert "baseline: reused" in log and "resuming training from the checkpoint of epoch" in log
+    assert "baseline: reused" in log and "resuming training from the checkpoint of epoch 1/3" in log
     assert (run_dir / "results.json").read_text() == (finished_run / "results.json").read_text()
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import AdvretrainError
+from .faults import kill_point
 from .io import save_safetensors, write_json
 
 META = "meta.json"
@@ -158,5 +159,6 @@ def craft_adversarial_set(
             None if result.targets is None else result.targets.cpu(),
             result.success.cpu(),
         )
+        kill_point("attack-shard")
     finish(path, shards, meta)
     return path

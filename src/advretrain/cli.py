@@ -116,13 +116,16 @@ def run_cmd(
         handler = logging.FileHandler(run_dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger().addHandler(handler)
-        write_json(run_dir / "environment.json", environment(resolve_device(cfg.device)))
-        train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-        log.info("run %s: %s on %s → %s", config_name, cfg.model.name, train_set.source, run_dir)
-        results = run_experiment(cfg, run_dir, train_set, test_set, progress=not ctx.obj["quiet"])
-        write_json(run_dir / "results.json", results)
-        write_report(run_dir)
-        logging.getLogger().removeHandler(handler)
+        try:
+            write_json(run_dir / "environment.json", environment(resolve_device(cfg.device)))
+            train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+            log.info("run %s: %s on %s → %s", config_name, cfg.model.name, train_set.source, run_dir)
+            results = run_experiment(cfg, run_dir, train_set, test_set, progress=not ctx.obj["quiet"])
+            write_json(run_dir / "results.json", results)
+            write_report(run_dir)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
 
 
@@ -305,6 +308,10 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line like every other error, with where to look
+        where = exc.ctx.command_path if exc.ctx else "advretrain"
+        click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -33,6 +33,17 @@ class DataConfig(Frozen):
 
 class ModelConfig(Frozen):
     name: str = Field("small", description="a key of advretrain.models.MODELS")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .models import MODELS  # models import nothing from here; the registry is the one truth
+
+        if name not in MODELS:
+            close = difflib.get_close_matches(name, list(MODELS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown model{hint}; choose one of {', '.join(sorted(MODELS))}")
+        return name
 
 
 class TrainConfig(Frozen):
@@ -182,7 +193,8 @@ def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
         close = difflib.get_close_matches(str(loc[-1]), _fields_at(cls, loc), n=1)
         hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
         return f"unknown config key {where!r}{hint}; remove or correct it"
-    return f"config {where}: {err['msg']} (got {err.get('input')!r}); fix the value"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"config {where}: {msg} (got {err.get('input')!r}); fix the value"
 
 
 def packaged_configs() -> dict[str, Path]:

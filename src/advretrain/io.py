@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from .errors import AdvretrainError
+from .faults import kill_point
 
 
 @contextlib.contextmanager
@@ -32,6 +33,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
+        kill_point("atomic-write")
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from sklearn.cluster import KMeans
 
 from .errors import AdvretrainError
+from .faults import kill_point
 from .io import save_safetensors
 
 
@@ -126,6 +127,14 @@ class KNNLabeler:
         self.num_classes = 0
         self.threshold: float | None = None
 
+    def held_out(self, n: int) -> int:
+        """Reference images left out of the PCA fit to calibrate the fooling threshold (when no holdout is given)."""
+        return min(self.holdout, n // 5) if self.fooling_percentile is not None else 0
+
+    def max_pca_dims(self, n: int, d: int) -> int:
+        """PCA needs at least as many fitted images as components (without a given holdout)."""
+        return min(n - self.held_out(n), d)
+
     def fit(self, images: torch.Tensor, labels: torch.Tensor, holdout: torch.Tensor | None = None) -> KNNLabeler:
         """Reference set: `images` (uint8 or [0,1] N×C×H×W) and `labels`; `holdout` calibrates the fooling threshold.
 
@@ -135,9 +144,11 @@ class KNNLabeler:
         x = flatten(images).to(self.device)
         if x.shape[0] != labels.shape[0]:
             raise LabelerError(f"labeler: {x.shape[0]} images but {labels.shape[0]} labels")
-        if self.pca_dims > min(x.shape):
+        limit = min(x.shape) if holdout is not None else self.max_pca_dims(*x.shape)
+        if self.pca_dims > limit:
             raise LabelerError(
-                f"labeler: pca_dims {self.pca_dims} exceeds min(images, pixels) = {min(x.shape)}; lower --pca-dims"
+                f"labeler: pca_dims {self.pca_dims} exceeds what {x.shape[0]} images of {x.shape[1]} values allow "
+                f"({limit}); lower pca_dims"
             )
         fit_rows = torch.arange(x.shape[0])
         calibration = None
@@ -145,11 +156,12 @@ class KNNLabeler:
             if holdout is not None:
                 calibration = flatten(holdout).to(self.device)
             else:
-                n_hold = min(self.holdout, x.shape[0] // 5)
+                n_hold = self.held_out(x.shape[0])
                 order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
                 fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
         fit_x = x if fit_rows.numel() == x.shape[0] else x[fit_rows.to(x.device)]  # no copy unless holding out
         self.mean, self.components = fit_pca(fit_x, self.pca_dims)
+        kill_point("labeler-fit")
         self.ref_features = self.project(x)
         self.ref_labels = labels.to(self.device).long()
         self.num_classes = int(labels.max()) + 1

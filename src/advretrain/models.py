@@ -155,6 +155,8 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "resnet18": resnet18_features,
     "small": small_features,
 }
+# The smallest input each keeps at least 1×1 after its poolings (vgg16: five halvings; small: 2×2 stem, three).
+MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 8, "small": 16}
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier:
@@ -167,8 +169,13 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    if num_classes < 1 or image_size < 8:
-        raise ConfigError(f"model needs num_classes >= 1 and image_size >= 8, got {num_classes} and {image_size}")
+    if num_classes < 1:
+        raise ConfigError(f"model {name} needs at least one class, got {num_classes}")
+    if image_size < MIN_IMAGE_SIZE[name]:
+        raise ConfigError(
+            f"model {name} needs images of at least {MIN_IMAGE_SIZE[name]}px, got {image_size}px; "
+            "set data.image_size to resize them"
+        )
     features, dim = MODELS[name]()
     return Classifier(ModelSpec(name, num_classes, image_size), features, dim)
 

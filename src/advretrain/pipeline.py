@@ -28,6 +28,7 @@ from .config import AttackName, ExperimentConfig
 from .data import ImageDataset
 from .device import resolve_device
 from .errors import ConfigError
+from .faults import kill_point
 from .fooling import noise_images
 from .io import save_safetensors, write_json
 from .labeler import KNNLabeler, label_report
@@ -62,6 +63,7 @@ class Run:
 
     def finish(self, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
         write_json(folder / "done.json", info)
+        kill_point(f"after-{folder.name.split('-')[0]}")  # baseline, retrain or eval
         return info
 
     def timed(self, name: str, started: float) -> None:
@@ -72,8 +74,10 @@ def attack_params(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
     return dict(getattr(cfg.attack, name))
 
 
-def check_sizes(cfg: ExperimentConfig, train_size: int) -> None:
-    """Fail before any work: every attack needs retraining sizes, none larger than the training set."""
+def check_sizes(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
+    """Fail before any work: every attack needs retraining sizes, none larger than the training set, and the
+    labeler's PCA no more dimensions than the training set allows."""
+    train_size = len(train_set)
     for name in cfg.attacks:
         sizes = cfg.retrain.sizes.get(name)
         if not sizes:
@@ -84,6 +88,13 @@ def check_sizes(cfg: ExperimentConfig, train_size: int) -> None:
                 "size, which bounds the adversarial pool); lower it"
             )
         build_attack(name, **attack_params(cfg, name))  # unknown or invalid attack keywords fail here
+    pixels = int(train_set.images[0].numel())
+    allowed = KNNLabeler(1, fooling_percentile=cfg.labeler.fooling_percentile).max_pca_dims(train_size, pixels)
+    if cfg.labeler.pca_dims > allowed:
+        raise ConfigError(
+            f"labeler.pca_dims={cfg.labeler.pca_dims} exceeds what {train_size} training images of {pixels} values "
+            f"allow ({allowed}); lower it"
+        )
 
 
 def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> tuple[Classifier, str]:
@@ -181,24 +192,21 @@ def attack_stage(
         run, attack, f0, test_eval.images, test_eval.labels, test_idx, folder / "test.advset", {**meta, "split": "test"}
     )
     run.timed(f"attack-{name}", started)
+    kill_point("after-attack")
     return AttackArtifacts(name, key, attack, pool, static)
 
 
 def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
     cfg = run.cfg.labeler
-    pca_dims = min(cfg.pca_dims, len(train_set) - 1, int(train_set.images[0].numel()))
     file = run.stage(f"labeler-{digest(run.cfg.data, cfg)}") / "labeler.safetensors"
     if file.exists():
         log.info("labeler: reused %s", file)
         return KNNLabeler.load(file, run.device)
-    if pca_dims != cfg.pca_dims:
-        log.warning(
-            "labeler: pca_dims %d exceeds what %d images allow; using %d", cfg.pca_dims, len(train_set), pca_dims
-        )
-    log.info("labeler: PCA-%d + %d-NN on %d clean training images", pca_dims, cfg.k, len(train_set))
-    labeler = KNNLabeler(pca_dims, cfg.k, cfg.fooling_percentile, device=run.device)
+    log.info("labeler: PCA-%d + %d-NN on %d clean training images", cfg.pca_dims, cfg.k, len(train_set))
+    labeler = KNNLabeler(cfg.pca_dims, cfg.k, cfg.fooling_percentile, device=run.device)
     labeler.fit(train_set.images, train_set.labels)
     labeler.save(file)
+    kill_point("after-labeler")
     return labeler
 
 
@@ -413,7 +421,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) the whole protocol; returns the results that `results.json` holds."""
     run = Run(root, cfg, resolve_device(cfg.device), progress)
-    check_sizes(cfg, len(train_set))
+    check_sizes(cfg, train_set)
     # A seeded random subset in split order: the split is class-major, so its first images would be one class.
     n_eval = min(cfg.test_images or len(test_set), len(test_set))
     pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.train.seed + 2))[:n_eval]

@@ -72,6 +72,7 @@ def table_rows(name: str, attack: dict[str, Any], fam: str) -> tuple[list[str], 
         "Acc. adversarial",
         "FR after retraining (paper's convention)",
         "FR adaptive",
+        "Acc. under adaptive attack",
         "FR replay",
         "FR adaptive 8-bit",
         "median L2 adaptive (f0: {})".format(fmt_l2(attack["initial"].get("l2_median"))),
@@ -91,6 +92,7 @@ def table_rows(name: str, attack: dict[str, Any], fam: str) -> tuple[list[str], 
                 pct(row["adversarial_accuracy"]),
                 pct(convention["fooling_ratio"]) + (" (replay)" if paper_fr_is_replay else " (adaptive)"),
                 pct(adaptive["fooling_ratio"]),
+                pct(adaptive["adversarial_accuracy"]),
                 pct(replay["fooling_ratio"]),
                 pct(adaptive["fooling_ratio_8bit"]),
                 fmt_l2(adaptive.get("l2_median")),
@@ -151,10 +153,11 @@ def findings(name: str, attack: dict[str, Any]) -> list[str]:
             )
         if name in ("deepfool", "cw") and adaptive < 0.95:
             out.append(f"N={row['n']}: adaptive fooling ratio {pct(adaptive)} is below the paper's 99%.")
-        if name == "fgsm" and adaptive >= initial > 0:
+        if name == "fgsm" and adaptive > 0.75 * initial:  # the paper: 92.82% → 44-48%, about halved
             out.append(
-                f"N={row['n']}: FGSM's fooling ratio did not fall ({pct(initial)} → {pct(adaptive)}), "
-                "unlike the paper's halving."
+                f"N={row['n']}: FGSM re-run against the retrained model still fools {pct(adaptive)} (initially "
+                f"{pct(initial)}; accuracy under it {pct(row['adaptive']['adversarial_accuracy'])}), unlike the "
+                "paper's halving."
             )
     return out
 

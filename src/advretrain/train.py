@@ -26,6 +26,7 @@ from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset
 from .errors import AdvretrainError, CheckpointError
+from .faults import kill_point
 from .io import save_torch, write_json
 from .models import Classifier
 
@@ -188,6 +189,7 @@ def train(
                     "history": history,
                 },
             )
+            kill_point("train-epoch")
     # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
     # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
     model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
@@ -217,7 +219,8 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     started = time.perf_counter()
-    batches = range(0, images.shape[0], cfg.batch_size)
+    # A trailing batch of one image is left out (a different one each epoch): BatchNorm cannot train on it.
+    batches = range(0, images.shape[0] - (images.shape[0] % cfg.batch_size == 1), cfg.batch_size)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]

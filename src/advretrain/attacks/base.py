@@ -43,6 +43,8 @@ class AttackResult:
 def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
     if images.ndim != 4 or not images.is_floating_point():
         raise AttackError(f"images must be float N×C×H×W in [0,1], got {tuple(images.shape)} {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise AttackError("images hold NaN or inf; check the data or the model that produced them")
     if images.numel() and (images.min() < 0 or images.max() > 1):
         lo, hi = float(images.min()), float(images.max())
         raise AttackError(f"images must lie in [0,1], got [{lo:.3g}, {hi:.3g}]; divide uint8 images by 255")
@@ -83,6 +85,8 @@ def run_batched(
             y = labels[start : start + batch_size].to(device)
             parts.append(fn(x, y))
     result = AttackResult.concat(parts)
+    if not bool(torch.isfinite(result.adversarial).all()):  # NaN logits or gradients poison every step after
+        raise AttackError("the attack produced NaN or inf images: the model's logits or gradients are not finite")
     result.adversarial = result.adversarial.to(images.device)
     for name in ("success", "targets", "iterations"):
         value = getattr(result, name)
@@ -92,5 +96,8 @@ def run_batched(
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits, refused when not finite: a NaN model would otherwise yield silent, meaningless results."""
     out: torch.Tensor = model(x)
+    if not bool(torch.isfinite(out).all()):
+        raise AttackError("the model's logits are NaN or inf; check the checkpoint (its weights may have diverged)")
     return out

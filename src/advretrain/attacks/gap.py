@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from ..faults import kill_point
 from ..io import save_safetensors
 from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
 
@@ -143,6 +144,7 @@ class GAP:
                 self._fit_epoch(model, x_all, fit_idx, optimizer, gen, epoch)
                 fr = self._holdout_fooling_ratio(model, hold, clean_hold)
                 self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr})
+                kill_point("gap-epoch")
                 log.info("gap epoch %d/%d: held-out fooling ratio %.4f", epoch + 1, self.epochs, fr)
                 if fr > best_fr:
                     best_fr = fr

@@ -60,6 +60,13 @@ class ImageDataset:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=gen)
         keep = [order[self.labels[order] == c][:per_class] for c in range(self.num_classes)]
+        short = [(self.classes[c], len(k)) for c, k in enumerate(keep) if len(k) < per_class]
+        if short:
+            name, count = short[0]
+            raise DataError(
+                f"{self.source}: {per_class} images per class requested but class {name!r} has {count}; "
+                f"lower the per-class count to at most {min(len(k) for k in keep)}"
+            )
         return self.subset(torch.cat(keep))
 
 

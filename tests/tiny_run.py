@@ -1,0 +1,45 @@
+"""The `default` protocol shrunk to seconds, run as a user runs it: `python -m advretrain run` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+TINY = [
+    "data.train_per_class=20",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "test_images=20",
+    "labeler.pca_dims=20",
+    "retrain.sizes={gap: [20, 10], fgsm: [20, 10], deepfool: [20], cw: [20]}",
+    "attack.cw.steps=5",
+    "attack.cw.binary_search_steps=2",
+    "attack.deepfool.steps=5",
+    "attack.gap.epochs=1",
+    "attack.gap.holdout=40",
+    "attack.pgd.steps=2",
+    "figure_images=4",
+    "device=cpu",
+]
+
+
+def advretrain(*args: str, kill_at: str | None = None) -> subprocess.Popen[str]:
+    """`advretrain -q ARGS`; with `kill_at`, the process SIGKILLs itself there (advretrain.faults)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: bitwise-reproducible and no oversubscription
+    env.pop("ADVRETRAIN_KILL_AT", None)
+    if kill_at:
+        env["ADVRETRAIN_KILL_AT"] = kill_at
+    return subprocess.Popen(
+        [sys.executable, "-m", "advretrain", "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
