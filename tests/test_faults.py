@@ -25,7 +25,7 @@ KILLS = [
     ("train-epoch:2", "inside a retraining"),
     ("after-retrain", "a retraining finished"),
     ("after-eval", "an evaluation finished"),
-    ("attack-shard:2", "inside DeepFool's generation (its pool finished, its test set not)"),
+    ("attack-shard:2", "inside DeepFool's generation (a pool shard written, the set unfinished)"),
     ("atomic-write:5", "an artifact written but not yet renamed into place"),
 ]
 

@@ -487,7 +487,8 @@ def test_hostile_input_gets_one_line_and_exit_2(
     assert len(errors) == 1, err
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
-    assert not (tmp_path / "pwned").exists()  # no file ever ran code
+    assert not (tmp_path / "pwned").exists()  # no file ever ran code...
+    assert not (tmp_path.parent / "escape.png").exists() and not (tmp_path / "abs.png").exists()  # ...or escaped
 
 
 def test_the_suite_is_large() -> None:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .distributed import barrier, block, is_main
 from .errors import AdvretrainError
 from .faults import kill_point
 from .io import save_safetensors, write_json
@@ -123,12 +124,14 @@ def craft_adversarial_set(
     labels: torch.Tensor,
     folder: str | os.PathLike[str],
     meta: dict[str, Any],
-    shard_size: int = 2048,
+    shard_size: int = 512,
     indices: torch.Tensor | None = None,
 ) -> Path:
     """Attack `images` (uint8 or [0,1]) shard by shard into `folder`; finished shards of a killed run are kept.
 
-    `indices` are the images' positions in their split (default 0..N-1), stored as the source indices.
+    `indices` are the images' positions in their split (default 0..N-1), stored as the source indices. Under
+    torchrun each rank attacks its contiguous block of shards; the shards do not depend on the number of ranks, so
+    neither does the set. Rank 0 writes the metadata, last, once every shard is on disk.
     """
     path = Path(folder)
     fingerprint = model_fingerprint(model)
@@ -141,10 +144,11 @@ def craft_adversarial_set(
     stamp = path / "job.json"  # identity of the job the shards belong to
     if stamp.exists() and json.loads(stamp.read_text()) != meta:
         raise AdvretrainError(f"{path} holds a set made by another attack, model or data; choose another --out")
-    write_json(stamp, meta)
+    if is_main():
+        write_json(stamp, meta)
     sources = torch.arange(labels.shape[0]) if indices is None else indices.cpu()
     shards = (labels.shape[0] + shard_size - 1) // shard_size
-    for i in range(shards):
+    for i in block(shards):
         if (path / shard_name(i)).exists():
             continue
         span = slice(i * shard_size, (i + 1) * shard_size)
@@ -160,5 +164,8 @@ def craft_adversarial_set(
             result.success.cpu(),
         )
         kill_point("attack-shard")
-    finish(path, shards, meta)
+    barrier()  # every rank's shards are written
+    if is_main():
+        finish(path, shards, meta)
+    barrier()  # the set is complete for every rank
     return path

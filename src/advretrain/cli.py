@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -18,6 +19,8 @@ from .config import DataConfig, ExperimentConfig, TrainJob, build_config, parse_
 from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
 from .data.download import REMOTES, download, md5sum
 from .device import resolve_device
+from .distributed import init as init_distributed
+from .distributed import is_main, shutdown, world_size
 from .errors import AdvretrainError
 from .fooling import noise_images
 from .io import save_safetensors, write_json, write_yaml
@@ -72,10 +75,13 @@ def train_cmd(
 ) -> None:
     """Train a classifier. OVERRIDES are section.key=value, e.g. train.epochs=5 data.dataset=cifar10."""
     job = build_config(TrainJob, config_path, (*overrides, *([f"device={device}"] if device else [])))
+    dev = init_distributed(resolve_device(job.device))  # under torchrun: DDP over the ranks
+    if not out and world_size() > 1:
+        raise AdvretrainError("under torchrun every rank must write to the same folder; pass --out")
     out_dir = Path(out) if out else fresh_dir("train")
-    dev = resolve_device(job.device)
     train_set, test_set = load_split(job.data, "train"), load_split(job.data, "test")
-    write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
+    if is_main():
+        write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
     torch.manual_seed(job.train.seed)
     model = build_model(job.model.name, train_set.num_classes, train_set.image_size)
     log.info(
@@ -88,9 +94,11 @@ def train_cmd(
         out_dir,
     )
     result = train(model, train_set, job.train, dev, out_dir, test_set, progress=not ctx.obj["quiet"])
-    click.echo(
-        f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); model: {out_dir / 'model.safetensors'}"
-    )
+    shutdown()
+    if is_main():
+        click.echo(
+            f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); model: {out_dir / 'model.safetensors'}"
+        )
 
 
 @cli.command("run")
@@ -110,23 +118,35 @@ def run_cmd(
 ) -> None:
     """The paper's whole protocol: baseline, attacks, labels, retraining, evaluation, Tables 1-7 and figures."""
     cfg = build_config(ExperimentConfig, config_name, (*overrides, *([f"device={device}"] if device else [])))
+    dev = init_distributed(resolve_device(cfg.device))  # under torchrun: join the group, this rank's device
+    if not out and world_size() > 1:
+        raise AdvretrainError("under torchrun every rank must write to the same run directory; pass --out")
     run_dir = Path(out) if out else fresh_dir("run")
-    with run_lock(run_dir):
-        record_config(run_dir, to_yaml_dict(cfg))
-        handler = logging.FileHandler(run_dir / "run.log")
+    main_rank = is_main()  # rank 0 alone locks, logs to the file and writes the shared files
+    if not main_rank:
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
+    with run_lock(run_dir) if main_rank else contextlib.nullcontext():
+        if main_rank:
+            record_config(run_dir, to_yaml_dict(cfg))
+        handler = logging.FileHandler(run_dir / "run.log") if main_rank else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
-            write_json(run_dir / "environment.json", environment(resolve_device(cfg.device)))
+            if main_rank:
+                write_json(run_dir / "environment.json", environment(dev) | {"processes": world_size()})
             train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
             log.info("run %s: %s on %s → %s", config_name, cfg.model.name, train_set.source, run_dir)
             results = run_experiment(cfg, run_dir, train_set, test_set, progress=not ctx.obj["quiet"])
-            write_json(run_dir / "results.json", results)
-            write_report(run_dir)
+            if main_rank:
+                write_json(run_dir / "results.json", results)
+                write_report(run_dir)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
+    shutdown()
+    if main_rank:
+        click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
 
 
 @cli.command("report")

@@ -27,6 +27,8 @@ from .checkpoint import load_model
 from .config import AttackName, ExperimentConfig
 from .data import ImageDataset
 from .device import resolve_device
+from .distributed import barrier, is_main
+from .distributed import init as init_distributed
 from .errors import ConfigError
 from .faults import kill_point
 from .fooling import noise_images
@@ -62,7 +64,9 @@ class Run:
         return json.loads(done.read_text()) if done.exists() else None
 
     def finish(self, folder: Path, info: dict[str, Any]) -> dict[str, Any]:
-        write_json(folder / "done.json", info)
+        if is_main():
+            write_json(folder / "done.json", info)
+        barrier()
         kill_point(f"after-{folder.name.split('-')[0]}")  # baseline, retrain or eval
         return info
 
@@ -119,7 +123,9 @@ def fitted_gap(params: dict[str, Any], model: Classifier, images: torch.Tensor, 
     if file.exists():
         return gap.load(file)
     gap.fit(model, images)
-    gap.save(file)
+    if is_main():
+        gap.save(file)
+    barrier()
     return gap
 
 
@@ -205,7 +211,9 @@ def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
     log.info("labeler: PCA-%d + %d-NN on %d clean training images", cfg.pca_dims, cfg.k, len(train_set))
     labeler = KNNLabeler(cfg.pca_dims, cfg.k, cfg.fooling_percentile, device=run.device)
     labeler.fit(train_set.images, train_set.labels)
-    labeler.save(file)
+    if is_main():
+        labeler.save(file)
+    barrier()
     kill_point("after-labeler")
     return labeler
 
@@ -306,8 +314,11 @@ def evaluate_stage(
     bs = run.cfg.train.eval_batch_size
     replay = attack_metrics(f1, clean, art.static.adversarial, labels, batch_size=bs)
     attack = readapt(run, art, f1, train_set, folder)
-    adaptive_set = attack(f1, clean, labels)
-    targets = adaptive_set.targets
+    # Crafted as a set on disk: sharded over ranks under torchrun, and resumable like the baseline's sets.
+    meta = {"attack": art.name, "params": attack_params(run.cfg, art.name), "split": "test", "against": f1_key}
+    everything = torch.arange(len(labels))
+    adaptive_set = craft(run, attack, f1, test_eval.images, labels, everything, folder / "adaptive.advset", meta)
+    targets = adaptive_set.targets if bool((adaptive_set.targets >= 0).all()) else None
     adaptive = attack_metrics(f1, clean, adaptive_set.adversarial, labels, targets, batch_size=bs)
     out: dict[str, Any] = {
         "n": n,
@@ -325,6 +336,8 @@ def evaluate_stage(
 
 def figure_data(run: Run, art: AttackArtifacts, f0: Classifier, test_eval: ImageDataset) -> None:
     """The few images the original-vs-adversarial figure shows, so that `advretrain report` can redraw it."""
+    if not is_main():
+        return
     k = min(run.cfg.figure_images, len(test_eval))
     pick = torch.linspace(0, len(test_eval) - 1, k).long()  # spread over the split, which is in class order
     clean = test_eval.images[pick].float() / 255
@@ -420,7 +433,7 @@ def run_experiment(
     cfg: ExperimentConfig, root: Path, train_set: ImageDataset, test_set: ImageDataset, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) the whole protocol; returns the results that `results.json` holds."""
-    run = Run(root, cfg, resolve_device(cfg.device), progress)
+    run = Run(root, cfg, init_distributed(resolve_device(cfg.device)), progress and is_main())
     check_sizes(cfg, train_set)
     # A seeded random subset in split order: the split is class-major, so its first images would be one class.
     n_eval = min(cfg.test_images or len(test_set), len(test_set))
@@ -442,5 +455,6 @@ def run_experiment(
     }
     for name in cfg.attacks:
         results["attacks"][name] = attack_experiment(run, name, (f0, f0_key), labeler, fooling, train_set, test_eval)
-    write_json(root / "timings.json", run.timings)
+    if is_main():
+        write_json(root / "timings.json", run.timings)
     return results

@@ -2,6 +2,10 @@
 
 Each epoch draws its order and augmentation from a generator seeded by (seed, epoch), so an interrupted run that
 resumes from the checkpoint of epoch k ends with exactly the weights of an uninterrupted run (on the CPU).
+
+Under torchrun the model is wrapped in DistributedDataParallel: every rank draws the same global batch and
+augmentation and trains on its contiguous part of it; the summed loss is scaled so that the averaged gradient is the
+global batch's mean. BatchNorm statistics stay per rank (DDP's default; SyncBatchNorm would need GPUs).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset
+from .distributed import all_sum, barrier, block, is_main, world_size
 from .errors import AdvretrainError, CheckpointError
 from .faults import kill_point
 from .io import save_torch, write_json
@@ -175,9 +181,12 @@ def train(
         history, start_epoch = state["history"], int(state["epoch"])
         log.info("resuming training from the checkpoint of epoch %d/%d", start_epoch, cfg.epochs)
     images, labels = data.images.to(device), data.labels.to(device)
+    net: nn.Module = model
+    if world_size() > 1:  # gradients averaged over ranks in the backward pass; rank 0's weights broadcast first
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, cfg.epochs):
-        history.append(_train_epoch(model, images, labels, cfg, epoch, optimizer, scheduler, progress))
-        if out_dir is not None:
+        history.append(_train_epoch(net, images, labels, cfg, epoch, optimizer, scheduler, progress and is_main()))
+        if out_dir is not None and is_main():
             save_torch(
                 out_dir / STATE_FILE,
                 {
@@ -196,9 +205,10 @@ def train(
     result = TrainResult(model, history, resumed_from_epoch=start_epoch)
     if test is not None:
         result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
-    if out_dir is not None:
+    if out_dir is not None and is_main():
         save_model(out_dir / MODEL_FILE, model)
         write_json(out_dir / "metrics.json", {"history": history, "test_accuracy": result.test_accuracy})
+    barrier()  # no rank reads the model before rank 0 has written it
     return result
 
 
@@ -218,33 +228,48 @@ def _train_epoch(
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    seen = 0
     started = time.perf_counter()
-    # A trailing batch of one image is left out (a different one each epoch): BatchNorm cannot train on it.
-    batches = range(0, images.shape[0] - (images.shape[0] % cfg.batch_size == 1), cfg.batch_size)
+    # A trailing batch too small to give each rank two images is left out (a different one each epoch): BatchNorm
+    # cannot train on one image.
+    world = world_size()
+    trailing = images.shape[0] % cfg.batch_size
+    batches = range(0, images.shape[0] - (trailing if 0 < trailing < 2 * world else 0), cfg.batch_size)
+    if not batches:
+        raise AdvretrainError(f"{images.shape[0]} training images cannot make a batch of two per process; add images")
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
-        x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))
+        x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))  # the global batch, as on one process
+        y = labels[idx]
+        if world > 1:  # this rank's contiguous part of it
+            part = block(idx.numel())
+            x, y = x[part.start : part.stop], y[part.start : part.stop]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=cfg.label_smoothing)
+            if world == 1:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            else:  # DDP averages gradients over ranks: sum · world / global batch makes that the global mean
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                loss = loss * (world / idx.numel())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * idx.numel()
-        correct += (logits.argmax(1) == labels[idx]).sum()
-        if i % 25 == 0 or start + cfg.batch_size >= images.shape[0]:  # sync with the device only now and then
-            seen = min(start + cfg.batch_size, images.shape[0])
-            mean_loss = float(loss_sum) / seen
+        loss_sum += loss.detach() * (idx.numel() / world)  # summed over ranks: the global batch's loss sum
+        correct += (logits.argmax(1) == y).sum()
+        seen += idx.numel()
+        if i % 25 == 0 or i == len(batches) - 1:  # sync with the device (and the other ranks) only now and then
+            totals = all_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+            mean_loss = float(totals[0]) / seen
             if not math.isfinite(mean_loss):
                 raise AdvretrainError(f"training diverged (loss {mean_loss}) in epoch {epoch + 1}; lower train.lr")
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(correct) / seen:.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(totals[1]) / seen:.3f}")
     seconds = time.perf_counter() - started
-    n = images.shape[0]
-    stats = {"epoch": epoch + 1, "loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
+    n = seen
+    stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": float(totals[1]) / n}
     log.info(
         "epoch %d/%d: loss %.4f, train accuracy %.4f, %.0f images/s",
         epoch + 1,

@@ -1,0 +1,72 @@
+"""`torchrun` support: one process per device, any number of nodes, PyTorch's own process group.
+
+Launched by torchrun (WORLD_SIZE > 1), `init` joins the group — gloo on CPUs, NCCL on GPUs — and gives each rank its
+device. Training wraps the model in DistributedDataParallel; attack generation splits a set's shards into
+contiguous blocks, one per rank; rank 0 alone prints bars, writes shared files (checkpoints, done markers,
+results) and takes the run lock. The run directory must be on storage every rank sees.
+Without torchrun every helper answers for a single process and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join torchrun's process group (once) and return this rank's device; a single process keeps `device`."""
+    if not launched():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not active():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=None)
+    return device
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def block(count: int, of_rank: int | None = None, ranks: int | None = None) -> range:
+    """This rank's contiguous, disjoint block of `count` items (no padding, no duplicates; sizes differ by ≤ 1)."""
+    r = rank() if of_rank is None else of_rank
+    w = world_size() if ranks is None else ranks
+    return range(count * r // w, count * (r + 1) // w)
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (the tensor itself for one process)."""
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor

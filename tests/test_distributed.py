@@ -1,0 +1,77 @@
+"""torchrun with the gloo backend on the CPU: a sharded attack gives exactly the single-process set, and a DDP
+training step is the single-process step on the same global batch (BatchNorm statistics per rank, as DDP keeps
+them: the single-process reference runs each rank's half through the model separately)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_worker import ONE_STEP, data
+
+from advretrain.advset import craft_adversarial_set, load_adversarial_set
+from advretrain.attacks import DeepFool
+from advretrain.checkpoint import load_model
+from advretrain.distributed import block
+from advretrain.models import build_model
+from advretrain.train import channel_stats, lr_factor, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    worker = Path(__file__).parent / "ddp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_contiguous_blocks_cover_every_item_once() -> None:
+    for count in (0, 1, 5, 37):
+        for ranks in (1, 2, 3, 8):
+            blocks = [block(count, r, ranks) for r in range(ranks)]
+            assert [i for b in blocks for i in b] == list(range(count))
+            assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+
+
+def test_two_process_sharded_attack_equals_the_single_process_set(two_ranks: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    victim = build_model("small", 4, 16).eval()
+    images = torch.rand(37, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(37) % 4
+    craft_adversarial_set(DeepFool(steps=10), victim, images, labels, tmp_path / "set", {}, shard_size=5)
+    one, two = load_adversarial_set(tmp_path / "set"), load_adversarial_set(two_ranks / "set")
+    assert len(list((two_ranks / "set").glob("shard-*"))) == 8  # 37 images in shards of 5, each written once
+    assert torch.equal(one.adversarial, two.adversarial) and torch.equal(one.success, two.success)
+    assert torch.equal(two.indices, torch.arange(37)) and one.meta == two.meta
+
+
+def test_ddp_step_equals_the_single_process_step(two_ranks: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("small", 4, 16)
+    initial = model.head.weight.detach().clone()
+    dataset = data()
+    model.set_normalization(*channel_stats(dataset.images))
+    optimizer = make_optimizer(model, ONE_STEP)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(ONE_STEP.schedule, 1, 0))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(ONE_STEP.seed * 1_000_003))
+    x, y = dataset.images[order].float() / 255, dataset.labels[order]
+    model.train()
+    for rank in range(2):  # each rank's half through the model on its own (its own BatchNorm statistics)
+        part = block(16, rank, 2)
+        logits = model(x[part.start : part.stop])
+        loss = torch.nn.functional.cross_entropy(logits, y[part.start : part.stop], reduction="sum") / 16
+        loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    scheduler.step()
+    ddp = load_model(two_ranks / "step")
+    for (name, expected), got in zip(model.state_dict().items(), ddp.state_dict().values(), strict=True):
+        if "running" not in name and "num_batches" not in name:  # DDP keeps rank 0's BatchNorm buffers
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(ddp.head.weight, initial)  # the step did move the weights
