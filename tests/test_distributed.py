@@ -4,6 +4,7 @@ them: the single-process reference runs each rank's half through the model separ
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,25 @@ def test_ddp_step_equals_the_single_process_step(two_ranks: Path) -> None:
         if "running" not in name and "num_batches" not in name:  # DDP keeps rank 0's BatchNorm buffers
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(ddp.head.weight, initial)  # the step did move the weights
+
+
+def test_the_protocol_runs_under_torchrun(finished_run: Path, tmp_path: Path) -> None:
+    """`torchrun -m advretrain run` completes with one writer; what does not depend on the trained models (the
+    data, the labeler) equals the single-process run, the rest differs only as DDP's per-rank BatchNorm makes it."""
+    from tiny_run import TINY
+
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "advretrain", "-q", "run", "--out", str(run_dir), *TINY]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run finished") == 1  # rank 0 alone reports (and writes)
+    two = json.loads((run_dir / "results.json").read_text())
+    one = json.loads((finished_run / "results.json").read_text())
+    assert json.loads((run_dir / "environment.json").read_text())["processes"] == 2
+    assert two.keys() == one.keys() and two["attacks"].keys() == one["attacks"].keys()
+    for name, attack in two["attacks"].items():
+        assert [row["n"] for row in attack["retrain"]] == [row["n"] for row in one["attacks"][name]["retrain"]]
+        assert attack["labels"]["clean_test_accuracy"] == one["attacks"][name]["labels"]["clean_test_accuracy"]
+        assert attack["labels"]["exact_source_retrieval"] == 1.0
+    assert (run_dir / "tables.md").exists() and not list(run_dir.glob("stages/*/.*.tmp"))

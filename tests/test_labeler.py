@@ -129,6 +129,7 @@ def test_label_report_separates_seen_and_unseen_sources() -> None:
     assert report["exact_source_retrieval"] == 1.0, report
     # every training-source adversarial gets its source's label unless flagged (its residual grew past p99)
     assert report["train_source_accuracy"] + report["flag_rate_train_source_adversarial"] == pytest.approx(1.0)
+    assert report["train_source_vote_accuracy"] == 1.0  # the vote alone, the paper's metric, finds every source
     assert report["flag_rate_fooling"] == 1.0 and report["flag_rate_clean_test"] <= 0.05
     assert "test_source_accuracy" in report and "clean_test_accuracy" in report
 

@@ -9,6 +9,7 @@ Without torchrun every helper answers for a single process and costs nothing.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -43,7 +44,8 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not active():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=None)
+        # Ranks meet at a barrier after each stage; one rank's share of a C&W set can take hours at paper scale.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     return device
 
 

@@ -120,7 +120,9 @@ def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> tuple
 
 def fitted_gap(params: dict[str, Any], model: Classifier, images: torch.Tensor, file: Path, progress: bool) -> GAP:
     gap = GAP(**params, progress=progress)
-    if file.exists():
+    fitted = file.exists()
+    barrier()  # every rank decides before rank 0 can write the file (the fit itself has no collective)
+    if fitted:
         return gap.load(file)
     gap.fit(model, images)
     if is_main():
@@ -205,7 +207,9 @@ def attack_stage(
 def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
     cfg = run.cfg.labeler
     file = run.stage(f"labeler-{digest(run.cfg.data, cfg)}") / "labeler.safetensors"
-    if file.exists():
+    fitted = file.exists()
+    barrier()  # every rank decides before rank 0 can write the file (the fit itself has no collective)
+    if fitted:
         log.info("labeler: reused %s", file)
         return KNNLabeler.load(file, run.device)
     log.info("labeler: PCA-%d + %d-NN on %d clean training images", cfg.pca_dims, cfg.k, len(train_set))
