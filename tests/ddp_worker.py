@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from advretrain.advset import craft_adversarial_set
-from advretrain.attacks import DeepFool
+from advretrain.attacks import GAP, DeepFool
 from advretrain.config import TrainConfig
 from advretrain.data import ImageDataset
-from advretrain.distributed import init, shutdown
+from advretrain.distributed import init, rank, shutdown
 from advretrain.models import build_model
 from advretrain.train import train
 
@@ -34,7 +34,15 @@ def main(out: Path) -> None:
     images = torch.rand(37, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(37) % 4
     craft_adversarial_set(DeepFool(steps=10), victim, images, labels, out / "set", {}, shard_size=5)
+    gap = fit_gap(victim)
+    if rank() == 0:
+        gap.save(out / "gap.safetensors")
     shutdown()
+
+
+def fit_gap(victim: torch.nn.Module) -> GAP:
+    images = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    return GAP(epochs=2, batch_size=8, holdout=8, ngf=8).fit(victim, images)
 
 
 if __name__ == "__main__":

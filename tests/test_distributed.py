@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import ONE_STEP, data
+from ddp_worker import ONE_STEP, data, fit_gap
 
 from advretrain.advset import craft_adversarial_set, load_adversarial_set
-from advretrain.attacks import DeepFool
+from advretrain.attacks import GAP, DeepFool
 from advretrain.checkpoint import load_model
 from advretrain.distributed import block
 from advretrain.models import build_model
@@ -51,6 +51,15 @@ def test_two_process_sharded_attack_equals_the_single_process_set(two_ranks: Pat
     assert len(list((two_ranks / "set").glob("shard-*"))) == 8  # 37 images in shards of 5, each written once
     assert torch.equal(one.adversarial, two.adversarial) and torch.equal(one.success, two.success)
     assert torch.equal(two.indices, torch.arange(37)) and one.meta == two.meta
+
+
+def test_gap_fitted_by_two_processes_equals_one_process(two_ranks: Path) -> None:
+    torch.manual_seed(1)
+    one = fit_gap(build_model("small", 4, 16).eval())
+    two = GAP().load(two_ranks / "gap.safetensors")
+    assert one.perturbation is not None and two.perturbation is not None
+    # the same steps on the same global batches; only the order of the loss sums differs
+    torch.testing.assert_close(two.perturbation, one.perturbation, rtol=0, atol=1e-5)
 
 
 def test_ddp_step_equals_the_single_process_step(two_ranks: Path) -> None:

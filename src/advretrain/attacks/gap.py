@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..distributed import all_sum, block, world_size
 from ..faults import kill_point
 from ..io import save_safetensors
 from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
@@ -137,11 +139,17 @@ class GAP:
         torch.manual_seed(self.seed)
         self.generator = ResnetGenerator(self.ngf).to(device)
         optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        # Under torchrun: DDP over the generator, each rank its part of every batch and of the held-out images.
+        net: nn.Module = self.generator
+        if world_size() > 1:
+            net = DistributedDataParallel(self.generator, device_ids=[device.index] if device.type == "cuda" else None)
+            mine = block(hold.shape[0])
+            hold = hold[mine.start : mine.stop]
         best_fr, best_state = -1.0, None
         with frozen(model):
             clean_hold = self._predict(model, hold)
             for epoch in range(self.epochs):
-                self._fit_epoch(model, x_all, fit_idx, optimizer, gen, epoch)
+                self._fit_epoch(model, net, x_all, fit_idx, optimizer, gen, epoch)
                 fr = self._holdout_fooling_ratio(model, hold, clean_hold)
                 self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr})
                 kill_point("gap-epoch")
@@ -157,6 +165,7 @@ class GAP:
     def _fit_epoch(
         self,
         model: nn.Module,
+        net: nn.Module,
         x_all: torch.Tensor,
         fit_idx: torch.Tensor,
         optimizer: torch.optim.Optimizer,
@@ -171,13 +180,22 @@ class GAP:
         if self.max_iter is not None:
             steps = min(steps, self.max_iter)
         bar = tqdm(range(steps), desc=f"gap epoch {epoch + 1}/{self.epochs}", leave=False, disable=not self.progress)
+        world = world_size()
         for step in bar:
-            x = x_all[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            part = block(batch.numel()) if world > 1 else range(batch.numel())
+            x = x_all[batch[part.start : part.stop]].to(device)
             with torch.no_grad():
                 target = logits_of(model, x).argmin(1)  # least likely class of each clean image
             # z is one fixed pattern: G(z) once equals the reference's z tiled over the batch (BN sees the same stats).
-            u = scale_to_budget(self.generator(self.noise), self.eps)
-            loss = torch.log(F.cross_entropy(logits_of(model, (x + u).clamp(0, 1)), target))
+            u = scale_to_budget(net(self.noise), self.eps)
+            logits = logits_of(model, (x + u).clamp(0, 1))
+            if world == 1:
+                loss = torch.log(F.cross_entropy(logits, target))
+            else:  # ∇ log(mean CE of the global batch) = ∇ CE_sum / (B · mean CE); DDP averages over the ranks
+                ce_sum = F.cross_entropy(logits, target, reduction="sum")
+                mean = all_sum(ce_sum.detach()) / batch.numel()
+                loss = ce_sum * (world / (batch.numel() * mean))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -201,8 +219,11 @@ class GAP:
         )
 
     def _holdout_fooling_ratio(self, model: nn.Module, hold: torch.Tensor, clean: torch.Tensor) -> float:
+        """Over all held-out images (each rank counts its part)."""
         u = self._current_perturbation().cpu()
-        return float((self._predict(model, (hold + u).clamp(0, 1)) != clean).float().mean())
+        changed = (self._predict(model, (hold + u).clamp(0, 1)) != clean).sum()
+        counts = all_sum(torch.stack([changed, torch.tensor(clean.numel())]).to(u.device))
+        return float(counts[0]) / max(1, int(counts[1]))
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> AttackResult:
         """Apply the fitted universal perturbation; success = the prediction changed from the clean one."""
