@@ -95,3 +95,16 @@ def test_schedules_warm_up_and_decay_to_zero() -> None:
     cosine, onecycle = lr_factor("cosine", 100, 10), lr_factor("onecycle", 100, 10)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
     assert cosine(100) == pytest.approx(0.0, abs=1e-9) and onecycle(55) == pytest.approx(0.5)
+
+
+@pytest.mark.slow  # inductor compiles C++ for a minute or more on a CPU
+def test_compiled_training_takes_the_same_steps(tmp_path: Path) -> None:
+    one_epoch = CFG.model_copy(update={"epochs": 1})
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        runs.append(train(build_model("small", 3), blobs(), one_epoch, CPU, progress=False, compile=compile))
+    eager, compiled = (r.model.state_dict() for r in runs)
+    assert list(eager) == list(compiled)  # the compiled wrapper is not part of the saved model
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)

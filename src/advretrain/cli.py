@@ -93,7 +93,7 @@ def train_cmd(
         dev,
         out_dir,
     )
-    result = train(model, train_set, job.train, dev, out_dir, test_set, progress=not ctx.obj["quiet"])
+    result = train(model, train_set, job.train, dev, out_dir, test_set, not ctx.obj["quiet"], job.compile)
     shutdown()
     if is_main():
         click.echo(

@@ -72,6 +72,7 @@ class TrainJob(Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     device: Device = "auto"
+    compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
 
 
 AttackName = Literal["gap", "deepfool", "cw", "fgsm"]
@@ -140,6 +141,7 @@ class ExperimentConfig(Frozen):
     pgd_eval: bool = Field(True, description="also report each retrained model's PGD accuracy")
     figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
     device: Device = "auto"
+    compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
 
 
 C = TypeVar("C", bound=BaseModel)

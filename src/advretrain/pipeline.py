@@ -112,7 +112,7 @@ def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> tuple
     started = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, train_set.num_classes, train_set.image_size)
-    result = train(model, train_set, cfg.train, run.device, folder, test_set, run.progress)
+    result = train(model, train_set, cfg.train, run.device, folder, test_set, run.progress, cfg.compile)
     run.finish(folder, {"test_accuracy": result.test_accuracy})
     run.timed("baseline", started)
     return result.model, key
@@ -282,7 +282,7 @@ def retrain_stage(
         model = load_model(start[0], "cpu")
         model = grow_head(model, classes - model.spec.num_classes) if classes > model.spec.num_classes else model
         recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
-    result = train(model, mixed, recipe, run.device, folder, None, run.progress)
+    result = train(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile)
     run.finish(folder, {"n": n})
     run.timed(f"retrain-{name}{tag}-N{n}", started)
     return result.model, key

@@ -157,8 +157,12 @@ def train(
     out_dir: Path | None = None,
     test: ImageDataset | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> TrainResult:
-    """Train `model` on `data`; with `out_dir`, checkpoint each epoch and resume from the last one."""
+    """Train `model` on `data`; with `out_dir`, checkpoint each epoch and resume from the last one.
+
+    `compile` runs the training forward through torch.compile (weights and checkpoints are the model's own).
+    """
     key = fingerprint(cfg, model, data)
     state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
     if state is None:
@@ -184,6 +188,8 @@ def train(
     net: nn.Module = model
     if world_size() > 1:  # gradients averaged over ranks in the backward pass; rank 0's weights broadcast first
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)  # type: ignore[assignment]
     for epoch in range(start_epoch, cfg.epochs):
         history.append(_train_epoch(net, images, labels, cfg, epoch, optimizer, scheduler, progress and is_main()))
         if out_dir is not None and is_main():
