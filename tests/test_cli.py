@@ -87,3 +87,15 @@ def test_config_file_and_overrides_merge(tmp_path: Path) -> None:
         build_config(TrainJob, path)
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         build_config(TrainJob, None, ["train.epochs"])
+
+
+def test_a_recorded_config_without_a_newer_key_still_matches(tmp_path: Path) -> None:
+    from advretrain.config import ExperimentConfig
+    from advretrain.rundir import record_config
+
+    cfg = build_config(ExperimentConfig, "default")
+    old = cfg.model_dump(mode="json")
+    del old["compile"]  # as written by a version before the key existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    record_config(tmp_path, cfg)  # accepted: the missing key takes its default
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["compile"] is False

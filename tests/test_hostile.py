@@ -460,6 +460,13 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     return [*train_on(folder(tmp)), "--out", str(tmp / "out")], ["is a file", "--help"]
 
 
+@case("run-directory-of-another-config")
+def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "config.yaml").write_text("train:\n  epochs: 99\n")
+    return ["run", "--out", str(tmp / "r")], ["holds a run of a different config", "use a fresh --out"]
+
+
 @case("run-directory-in-use")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     import fcntl

@@ -128,7 +128,7 @@ def run_cmd(
             handler.setLevel(logging.WARNING)
     with run_lock(run_dir) if main_rank else contextlib.nullcontext():
         if main_rank:
-            record_config(run_dir, to_yaml_dict(cfg))
+            record_config(run_dir, cfg)
         handler = logging.FileHandler(run_dir / "run.log") if main_rank else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logging.getLogger().addHandler(handler)

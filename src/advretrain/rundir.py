@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from .errors import AdvretrainError
 from .io import write_yaml
@@ -41,12 +42,23 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def record_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Save the resolved config; a run directory made with another config is refused, not overwritten."""
+def record_config(run_dir: Path, config: BaseModel) -> None:
+    """Save the resolved config; a run directory made with another config is refused, not overwritten.
+
+    The recorded config is read through the current schema, so a key added since (with its default) does not
+    make an old run directory look different.
+    """
     path = run_dir / "config.yaml"
-    if path.exists() and yaml.safe_load(path.read_text()) != config:
-        raise AdvretrainError(f"{run_dir} holds a run of a different config; use a fresh --out (or the same config)")
-    write_yaml(path, config)
+    if path.exists():
+        try:
+            recorded = type(config).model_validate(yaml.safe_load(path.read_text()))
+        except (ValidationError, yaml.YAMLError) as exc:
+            raise AdvretrainError(f"{path} is not a config this version reads; use a fresh --out") from exc
+        if recorded != config:
+            raise AdvretrainError(
+                f"{run_dir} holds a run of a different config; use a fresh --out (or the same config)"
+            )
+    write_yaml(path, config.model_dump(mode="json"))
 
 
 def git_commit() -> str | None:
