@@ -5,7 +5,7 @@ batch size), the input-gradient passes/s the attacks are made of (forward + back
 attacks' batch size), and the labeler's PCA fit and 1-NN search. Then counts what the protocol asks of each stage
 (trainings × epochs × images; attacked images × gradient passes per image) and prints the projected wall time per
 stage and in total, for one process and for P processes under torchrun (training and attack generation split over
-ranks; GAP fitting, PGD and the labeler repeated on each).
+ranks, GAP fitting too; PGD and the labeler repeated on each).
 
 Gradient passes per image: FGSM 1, PGD `steps`, GAP `epochs` per training image; DeepFool `candidates` × its mean
 iterations and C&W its mean Adam steps — measured on real images with a trained model when `--checkpoint` and
@@ -121,7 +121,7 @@ def project(
         stages.append((f"{name}: crafting {crafted} images", crafted * per_image / g, True))
         if name == "gap":
             stages.append(
-                (f"gap: fitting the generator {1 + len(sizes)}×", (1 + len(sizes)) * gap_epochs * train_n / g, False)
+                (f"gap: fitting the generator {1 + len(sizes)}×", (1 + len(sizes)) * gap_epochs * train_n / g, True)
             )
         stages.append((f"{name}: {len(sizes)} retrainings", sum(epochs * (train_n + n) / t for n in sizes), True))
         if cfg.pgd_eval:

@@ -66,6 +66,14 @@ def block(count: int, of_rank: int | None = None, ranks: int | None = None) -> r
     return range(count * r // w, count * (r + 1) // w)
 
 
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers. After DDP training the BatchNorm running statistics differ
+    (each rank's last forward updated its own), and every rank must attack the model rank 0 saved."""
+    if world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (the tensor itself for one process)."""
     if world_size() > 1:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset
-from .distributed import all_sum, barrier, block, is_main, world_size
+from .distributed import all_sum, barrier, block, broadcast_state, is_main, world_size
 from .errors import AdvretrainError, CheckpointError
 from .faults import kill_point
 from .io import save_torch, write_json
@@ -205,6 +205,7 @@ def train(
                 },
             )
             kill_point("train-epoch")
+    broadcast_state(model)
     # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
     # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
     model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..distributed import all_sum, block, world_size
+from ..distributed import all_sum, block, broadcast_state, world_size
 from ..faults import kill_point
 from ..io import save_safetensors
 from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
@@ -160,6 +160,7 @@ class GAP:
                     self.perturbation = self._current_perturbation()
         assert best_state is not None
         self.generator.load_state_dict(best_state)
+        broadcast_state(self.generator)  # every rank applies exactly the generator rank 0 saves
         return self
 
     def _fit_epoch(
