@@ -59,6 +59,12 @@ def train_on(data: Path | str, *extra: str) -> list[str]:
     return ["train", "--device", "cpu", f"data.dataset={data}", "train.epochs=1", "train.batch_size=4", *extra]
 
 
+def run_on_thirty_images(tmp: Path, attack: str) -> list[str]:
+    """`advretrain run` on a 3-class, 10-per-class image folder with one attack."""
+    data = folder(tmp, per_class=10)
+    return ["run", "--out", str(tmp / "r"), f"data.dataset={data}", "data.train_per_class=10", f"attacks=[{attack}]"]
+
+
 def checkpoint(tmp: Path, name: str = "small", classes: int = 3, size: int = 16) -> Path:
     path = tmp / "ckpt" / "model.safetensors"
     save_model(path, build_model(name, classes, size))
@@ -216,40 +222,19 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 
 @case("negative-eps")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    args = [
-        "run",
-        "--out",
-        str(tmp / "r"),
-        f"data.dataset={folder(tmp, per_class=10)}",
-        "data.train_per_class=10",
-        "attacks=[fgsm]",
-    ]
+    args = run_on_thirty_images(tmp, "fgsm")
     return [*args, "attack.fgsm.eps=-0.1", "retrain.sizes.fgsm=[5]"], ["fgsm: need eps >= 0", "-0.1"]
 
 
 @case("retraining-size-larger-than-the-pool")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    args = [
-        "run",
-        "--out",
-        str(tmp / "r"),
-        f"data.dataset={folder(tmp, per_class=10)}",
-        "data.train_per_class=10",
-        "attacks=[gap]",
-    ]
+    args = run_on_thirty_images(tmp, "gap")
     return [*args, "retrain.sizes.gap=[31]"], ["retrain.sizes.gap=[31]: N must lie in 1..30"]
 
 
 @case("pca-dims-larger-than-the-data-in-a-run")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    args = [
-        "run",
-        "--out",
-        str(tmp / "r"),
-        f"data.dataset={folder(tmp, per_class=10)}",
-        "data.train_per_class=10",
-        "attacks=[fgsm]",
-    ]
+    args = run_on_thirty_images(tmp, "fgsm")
     return [*args, "retrain.sizes.fgsm=[5]"], ["labeler.pca_dims=300 exceeds what 30 training images", "lower it"]
 
 
@@ -303,14 +288,7 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 
 @case("unknown-attack-keyword")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    args = [
-        "run",
-        "--out",
-        str(tmp / "r"),
-        f"data.dataset={folder(tmp, per_class=10)}",
-        "data.train_per_class=10",
-        "attacks=[fgsm]",
-    ]
+    args = run_on_thirty_images(tmp, "fgsm")
     return [*args, "attack.fgsm.epss=0.1", "retrain.sizes.fgsm=[5]"], ["attack fgsm:", "epss"]
 
 
