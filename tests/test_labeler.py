@@ -153,3 +153,17 @@ def test_fooling_images_reach_the_confidence() -> None:
     assert reached.all() and images.min() >= 0 and images.max() <= 1
     confidence = torch.softmax(model(images), 1)[torch.arange(4), torch.tensor([0, 1, 2, 0])]
     assert (confidence >= 0.99).all()
+
+
+def test_faiss_backend_finds_the_same_neighbours() -> None:
+    from advretrain.labeler import knn_faiss
+
+    gen = torch.Generator().manual_seed(1)
+    refs, queries = torch.randn(500, 20, generator=gen), torch.randn(130, 20, generator=gen)
+    for k in (1, 5):
+        d_torch, i_torch = knn(queries, refs, k=k, chunk=7)
+        d_faiss, i_faiss = knn_faiss(queries, refs, k=k)
+        assert torch.equal(i_faiss, i_torch) and torch.allclose(d_faiss, d_torch, atol=1e-4)
+    x, y = low_rank_images(200, classes=4)
+    labels = [KNNLabeler(pca_dims=6, k=3, backend=b).fit(x, y).predict(x[:50] * 0.98) for b in ("torch", "faiss")]
+    assert torch.equal(labels[0], labels[1])

@@ -246,6 +246,7 @@ def attack_cmd(
     help="Flag images whose PCA residual exceeds this percentile of clean held-out images.",
 )
 @click.option("--fooling-clusters", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "faiss"]))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option(
@@ -261,6 +262,7 @@ def label_cmd(
     k: int,
     fooling_percentile: float | None,
     fooling_clusters: int,
+    backend: str,
     data_root: str | None,
     device: str,
     out: str,
@@ -269,7 +271,14 @@ def label_cmd(
     adv = load_adversarial_set(adversarial)
     train_set = load_dataset(reference, "train", data_root)
     test_set = load_dataset(reference, "test", data_root)
-    labeler = KNNLabeler(pca_dims, k, fooling_percentile, fooling_clusters, device=resolve_device(device))
+    labeler = KNNLabeler(
+        pca_dims,
+        k,
+        fooling_percentile,
+        fooling_clusters,
+        device=resolve_device(device),
+        backend=backend,  # type: ignore[arg-type]
+    )
     labeler.fit(train_set.images, train_set.labels)
     seen = adv.meta.get("split") == "train" and adv.meta.get("data") == reference  # sources are in the reference
     report = label_report(

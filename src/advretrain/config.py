@@ -125,6 +125,7 @@ class LabelerConfig(Frozen):
     pca_dims: int = Field(300, ge=1, description="paper: 300 for CIFAR-10, 2000 for TinyImageNet")
     k: int = Field(1, ge=1, description="neighbours that vote (paper: 1)")
     fooling_percentile: float | None = Field(99.9, gt=0, lt=100, description="flag threshold percentile")
+    backend: Literal["torch", "faiss"] = Field("torch", description="exact k-NN: chunked torch, or faiss (extra)")
 
 
 class ExperimentConfig(Frozen):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,6 +69,19 @@ def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> to
     return d2.add_((a * a).sum(1, keepdim=True)).clamp_min_(0)
 
 
+def knn_faiss(queries: torch.Tensor, refs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same exact search by faiss's IndexFlatL2 (the optional `faiss` extra), on the CPU; Q×k distances, indices."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise LabelerError("labeler: backend 'faiss' needs faiss; pip install 'advretrain[faiss]'") from exc
+    index = faiss.IndexFlatL2(refs.shape[1])
+    index.add(refs.detach().float().cpu().contiguous().numpy())
+    d2, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    device = queries.device
+    return torch.from_numpy(d2).clamp_min(0).sqrt().to(device), torch.from_numpy(idx).long().to(device)
+
+
 def knn(queries: torch.Tensor, refs: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest references of each query (Euclidean), in chunks of `chunk` queries: memory chunk×N.
 
@@ -109,6 +123,7 @@ class KNNLabeler:
         fooling_clusters: flagged images form this many new classes (k-means in PCA space), numbered from C.
         chunk_size: queries per distance block (memory chunk_size × references).
         device: where PCA and search run ("cpu" or "cuda").
+        backend: "torch" (chunked exact search on `device`) or "faiss" (exact IndexFlatL2, optional extra).
     """
 
     def __init__(
@@ -121,6 +136,7 @@ class KNNLabeler:
         device: str | torch.device = "cpu",
         holdout: int = 1000,
         seed: int = 0,
+        backend: Literal["torch", "faiss"] = "torch",
     ) -> None:
         if pca_dims < 1 or k < 1 or fooling_clusters < 1 or chunk_size < 1:
             raise LabelerError("labeler: pca_dims, k, fooling_clusters and chunk_size must be >= 1")
@@ -128,7 +144,7 @@ class KNNLabeler:
             raise LabelerError(f"labeler: fooling_percentile must lie in (0, 100), got {fooling_percentile}")
         self.pca_dims, self.k, self.fooling_percentile = pca_dims, k, fooling_percentile
         self.fooling_clusters, self.chunk_size, self.device = fooling_clusters, chunk_size, torch.device(device)
-        self.holdout, self.seed = holdout, seed
+        self.holdout, self.seed, self.backend = holdout, seed, backend
         self.mean: torch.Tensor | None = None  # D
         self.components: torch.Tensor | None = None  # D×pca_dims
         self.ref_features: torch.Tensor | None = None  # N×pca_dims
@@ -208,10 +224,15 @@ class KNNLabeler:
     def neighbours(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances and reference indices of the k nearest references in PCA space, both N×k."""
         _, _, refs, _ = self._fitted()
-        return knn(self.project(flatten(images)), refs, self.k, self.chunk_size)
+        return self._search(self.project(flatten(images)), refs)
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         return self.residual(flatten(images))
+
+    def _search(self, queries: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend == "faiss":
+            return knn_faiss(queries, refs, self.k)
+        return knn(queries, refs, self.k, self.chunk_size)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """int64 labels (N, on the CPU); flagged fooling images get classes num_classes, num_classes + 1, ..."""
@@ -221,7 +242,7 @@ class KNNLabeler:
         """(the k-NN vote alone — the paper's label —, the final labels with fooling classes), both N on the CPU."""
         _, _, refs, ref_labels = self._fitted()
         x = flatten(images)
-        distances, indices = knn(self.project(x), refs, self.k, self.chunk_size)
+        distances, indices = self._search(self.project(x), refs)
         voted = vote(ref_labels[indices], distances, self.num_classes)
         labels = voted.clone()
         if self.threshold is not None:

@@ -213,7 +213,7 @@ def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
         log.info("labeler: reused %s", file)
         return KNNLabeler.load(file, run.device)
     log.info("labeler: PCA-%d + %d-NN on %d clean training images", cfg.pca_dims, cfg.k, len(train_set))
-    labeler = KNNLabeler(cfg.pca_dims, cfg.k, cfg.fooling_percentile, device=run.device)
+    labeler = KNNLabeler(cfg.pca_dims, cfg.k, cfg.fooling_percentile, device=run.device, backend=cfg.backend)
     labeler.fit(train_set.images, train_set.labels)
     if is_main():
         labeler.save(file)
