@@ -236,10 +236,11 @@ class KNNLabeler:
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """int64 labels (N, on the CPU); flagged fooling images get classes num_classes, num_classes + 1, ..."""
-        return self.predict_parts(images)[1]
+        return self.predict_parts(images)[2]
 
-    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the k-NN vote alone — the paper's label —, the final labels with fooling classes), both N on the CPU."""
+    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the nearest reference's index, the k-NN vote alone — the paper's label —, the final labels with fooling
+        classes), each N on the CPU, from one search."""
         _, _, refs, ref_labels = self._fitted()
         x = flatten(images)
         distances, indices = self._search(self.project(x), refs)
@@ -248,7 +249,7 @@ class KNNLabeler:
         if self.threshold is not None:
             flagged = self.residual(x) > self.threshold
             labels[flagged] = self.num_classes + self._clusters(self.project(x[flagged.to(x.device)]))
-        return voted.cpu(), labels.cpu()
+        return indices[:, 0].cpu(), voted.cpu(), labels.cpu()
 
     def _clusters(self, features: torch.Tensor) -> torch.Tensor:
         n = min(self.fooling_clusters, features.shape[0])
@@ -323,8 +324,7 @@ def label_report(
     started = time.perf_counter()
     if train_source is not None:
         images, labels, indices = train_source
-        voted, predicted = labeler.predict_parts(images)
-        nearest = labeler.neighbours(images)[1][:, 0].cpu()
+        nearest, voted, predicted = labeler.predict_parts(images)
         report["train_source_accuracy"] = _rate(predicted == labels.cpu())
         report["train_source_vote_accuracy"] = _rate(voted == labels.cpu())  # the paper's metric: no flags
         report["exact_source_retrieval"] = _rate(nearest == indices.cpu())

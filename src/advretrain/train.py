@@ -248,10 +248,8 @@ def _train_epoch(
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
         x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))  # the global batch, as on one process
-        y = labels[idx]
-        if world > 1:  # this rank's contiguous part of it
-            part = block(idx.numel())
-            x, y = x[part.start : part.stop], y[part.start : part.stop]
+        part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
+        x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):

@@ -184,7 +184,7 @@ class GAP:
         world = world_size()
         for step in bar:
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
-            part = block(batch.numel()) if world > 1 else range(batch.numel())
+            part = block(batch.numel())  # all of it on one process
             x = x_all[batch[part.start : part.stop]].to(device)
             with torch.no_grad():
                 target = logits_of(model, x).argmin(1)  # least likely class of each clean image
