@@ -123,8 +123,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--attacks", default="deepfool,cw")
     parser.add_argument("--libraries", default="advretrain,foolbox,torchattacks,art")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="hand every library the model in channels-last layout (advretrain's attacks switch to it themselves)",
+    )
     args = parser.parse_args()
     model = load_model(args.checkpoint).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for p in model.parameters():
         p.requires_grad_(False)
     test = load_dataset(args.data, "test").stratified(args.images // 10 + 1).subset(torch.arange(args.images))
@@ -132,8 +139,10 @@ def main() -> None:
     with torch.no_grad():
         logits = model(x)
     clean, least_likely = logits.argmax(1), logits.argmin(1)
+    layout = "channels-last" if args.channels_last else "as loaded (contiguous)"
     print(
-        f"model accuracy on these {len(y)} images: {(clean == y).float().mean():.3f}; threads {torch.get_num_threads()}"
+        f"model accuracy on these {len(y)} images: {(clean == y).float().mean():.3f}; "
+        f"threads {torch.get_num_threads()}; peers get the model {layout}"
     )
     for attack in args.attacks.split(","):
         rows, fooled_by = [], {}

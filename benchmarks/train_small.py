@@ -77,16 +77,18 @@ def main() -> None:
     parser.add_argument("--config", default="configs/train-small-cifar10.yaml")
     parser.add_argument("--steps", type=int, default=40, help="steps timed for the loop comparison")
     parser.add_argument("--skip-full", action="store_true", help="only the loop comparison")
+    parser.add_argument("--skip-loop", action="store_true", help="only the full run")
     parser.add_argument("--out", help="keep the fully trained model here (a training folder)")
     args = parser.parse_args()
     job = build_config(TrainJob, args.config, [f"data.dataset={args.data}"])
     train_set, test_set = load_dataset(args.data, "train"), load_dataset(args.data, "test")
-    plain = plain_loop_images_per_second(job, train_set.images, train_set.labels, args.steps)
-    ours = ours_images_per_second(job, train_set.images, train_set.labels, args.steps)
-    print(
-        f"loop throughput, {args.steps} steps of {job.train.batch_size}: advretrain {ours:.0f} img/s, "
-        f"plain PyTorch loop {plain:.0f} img/s ({ours / plain:.2f}x)"
-    )
+    if not args.skip_loop:
+        plain = plain_loop_images_per_second(job, train_set.images, train_set.labels, args.steps)
+        ours = ours_images_per_second(job, train_set.images, train_set.labels, args.steps)
+        print(
+            f"loop throughput, {args.steps} steps of {job.train.batch_size}: advretrain {ours:.0f} img/s, "
+            f"plain PyTorch loop {plain:.0f} img/s ({ours / plain:.2f}x)"
+        )
     if args.skip_full:
         return
     torch.manual_seed(job.train.seed)
@@ -95,6 +97,10 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     result = train(model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False)
     seconds = time.perf_counter() - started
+    for h in result.history:
+        print(
+            f"  epoch {h['epoch']:.0f}: {h['seconds']:.0f} s, loss {h['loss']:.3f}, train acc {h['train_accuracy']:.4f}"
+        )
     print(
         f"full run: {job.train.epochs} epochs in {seconds:.0f} s, test accuracy {result.test_accuracy:.4f} "
         f"on {len(test_set)} images ({torch.get_num_threads()} threads)"

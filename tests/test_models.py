@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from advretrain import MODELS, ConfigError, build_model, grow_head
+from advretrain.models import PatchWhitening, channels_last
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -18,8 +19,50 @@ def test_forward_backward_every_parameter_gets_a_gradient(name: str, size: int, 
     logits = model(x)
     assert logits.shape == (2, classes) and torch.isfinite(logits).all()
     logits.logsumexp(1).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert missing == []
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == [] and trainable
+
+
+def test_small_freezes_only_its_whitening_stem_and_batchnorm_scales() -> None:
+    model = build_model("small", 10)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    scales = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert frozen == {"features.0.weight"} | scales and len(scales) == 6
+
+
+def test_whitening_stem_decorrelates_training_patches() -> None:
+    """After init_from_data, the stem's first half maps 2×2 patches to (nearly) unit, uncorrelated outputs."""
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.rand(64, 3, 8, 8, generator=gen).repeat_interleave(4, 2).repeat_interleave(4, 3)  # correlated
+    images = (smooth * 0.8 + torch.rand(64, 3, 32, 32, generator=gen) * 0.2).mul(255).to(torch.uint8)
+    model = build_model("small", 10)
+    model.init_from_data(images)
+    stem = model.features[0]
+    assert isinstance(stem, PatchWhitening) and torch.equal(stem.weight[:12], -stem.weight[12:])
+    with torch.no_grad():
+        out = stem(model.normalize(images.float() / 255))[:, :12]  # N×12×31×31
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / flat.shape[0]
+    # eigenvalue λ comes out as λ / (λ + 5e-4): 1 up to the regulariser for the directions the data fills
+    assert torch.allclose(cov, torch.diag(cov.diagonal()), atol=1e-3)
+    assert (cov.diagonal() > 0.9).sum() >= 10 and (cov.diagonal() < 1 + 1e-6).all()
+    raw = torch.nn.functional.unfold(model.normalize(images.float() / 255), 2).transpose(1, 2).reshape(-1, 12)
+    raw_cov = raw.T.double() @ raw.double() / raw.shape[0]
+    assert (raw_cov - torch.diag(raw_cov.diagonal())).abs().max() > 0.5  # the input patches were correlated
+
+
+def test_channels_last_context_restores_the_layout() -> None:
+    model = build_model("small", 10)
+    conv = model.features[2]
+    assert isinstance(conv, nn.Conv2d) and conv.weight.is_contiguous()
+    with channels_last(model):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous()
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    with channels_last(model):
+        pass
+    assert not conv.weight.is_contiguous()  # a channels-last model stays so
 
 
 def test_vgg16_is_the_paper_architecture() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from advretrain import CheckpointError, ImageDataset, TrainConfig, build_model, load_model, train
-from advretrain.train import augment, evaluate, lr_factor
+from advretrain.train import augment, evaluate, lr_factor, make_optimizer, mirrors
 
 CPU = torch.device("cpu")
 train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`
@@ -75,20 +75,52 @@ def test_checkpoint_of_another_job_is_refused(tmp_path: Path) -> None:
 
 def test_augment_is_a_shifted_window_and_a_mirror() -> None:
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
-    gen = torch.Generator().manual_seed(0)
-    out = augment(images, padding=2, flip=True, gen=gen)
+    mirror = torch.tensor([True, False])
+    out = augment(images, padding=2, mirror=mirror, gen=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     dy, dx = torch.randint(0, 5, (2,), generator=gen), torch.randint(0, 5, (2,), generator=gen)
-    mirror = torch.rand(2, generator=gen) < 0.5
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(2):
         window = padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 6]
         assert torch.equal(out[i], window.flip(-1) if mirror[i] else window)
 
 
+def test_alternating_flips_show_both_versions_of_every_image_in_two_epochs() -> None:
+    cfg = CFG.model_copy(update={"alternate_flip": True})
+    gen = torch.Generator().manual_seed(0)
+    first, second, third = (mirrors(cfg, 1000, epoch, gen) for epoch in range(3))
+    assert first is not None and second is not None and third is not None
+    assert torch.equal(second, ~first) and torch.equal(third, first) and 400 < int(first.sum()) < 600
+    random = [mirrors(CFG, 1000, epoch, gen) for epoch in range(2)]
+    assert random[0] is not None and random[1] is not None
+    assert 150 < int((random[0] == random[1]).sum()) - 350 < 300  # random flips agree on about half
+    assert mirrors(CFG.model_copy(update={"flip": False}), 10, 0, gen) is None
+
+
+def test_optimizer_skips_frozen_parameters_and_scales_batchnorm_lr() -> None:
+    model = build_model("small", 3)
+    optimizer = make_optimizer(model, CFG.model_copy(update={"bn_lr_scale": 64.0}))
+    weights, norm, biases = optimizer.param_groups
+    bn_shifts = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in norm["params"]] == [id(p) for p in bn_shifts]  # BN scales are frozen in `small`
+    assert norm["lr"] == 64 * CFG.lr and weights["lr"] == biases["lr"] == CFG.lr
+    assert weights["weight_decay"] == CFG.weight_decay and norm["weight_decay"] == biases["weight_decay"] == 0
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_fine_tuning_keeps_the_models_input_statistics() -> None:
+    model = build_model("small", 3)
+    model.set_normalization([0.1, 0.2, 0.3], [0.5, 0.5, 0.5])
+    train(model, blobs(), CFG.model_copy(update={"epochs": 1}), CPU, progress=False, init=False)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    train(model, blobs(), CFG.model_copy(update={"epochs": 1}), CPU, progress=False)
+    assert model.normalize.mean.flatten().tolist() != pytest.approx([0.1, 0.2, 0.3])
+
+
 def test_no_augmentation_is_identity() -> None:
     images = torch.rand(3, 3, 8, 8)
-    assert torch.equal(augment(images, 0, False, torch.Generator()), images)
+    assert torch.equal(augment(images, 0, None, torch.Generator()), images)
 
 
 def test_schedules_warm_up_and_decay_to_zero() -> None:

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,6 +64,26 @@ class Classifier(nn.Module):
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.normalize.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
         self.normalize.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, sample: int = 5000) -> None:
+        """Data-dependent initialisation of a fresh model: the input statistics, then any whitening stem.
+
+        images: N×C×H×W, uint8 or float [0,1]; the first `sample` are enough for the 12×12 patch covariance.
+        """
+        self.set_normalization(*channel_stats(images))
+        x = images[:sample].to(self.normalize.mean.device).float()
+        x = x / 255 if images.dtype == torch.uint8 else x
+        for module in self.features.modules():
+            if isinstance(module, PatchWhitening):
+                module.fit(self.normalize(x))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 or [0,1] N×C×H×W images, in [0,1] units (for the Normalize layer)."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).float()  # C×(N·H·W)
+    flat = flat / 255 if images.dtype == torch.uint8 else flat
+    return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -130,23 +151,73 @@ def resnet18_features() -> tuple[nn.Module, int]:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 512
 
 
+class PatchWhitening(nn.Conv2d):
+    """k×k conv whose 2·C·k² filters are ± the whitened principal directions of the training patches (airbench).
+
+    The first layer then sees decorrelated inputs from the first step, which is worth about a third of the epochs
+    on CIFAR-10 (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds"). Fixed, without a bias (airbench trains one for
+    3 epochs): training needs no gradient below the first block then, 1.35x faster on the CPU.
+    """
+
+    def __init__(self, channels: int = 3, kernel: int = 2) -> None:
+        super().__init__(channels, 2 * channels * kernel * kernel, kernel, bias=False)
+        self.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """x: N×C×H×W normalised training images."""
+        c, k = x.shape[1], self.kernel_size[0]
+        patches = x.unfold(2, k, 1).unfold(3, k, 1)  # N×C×H'×W'×k×k
+        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()  # (N·H'·W')×(C·k·k), weight order
+        eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat / flat.shape[0])
+        filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.reshape(c * k * k, c, k, k)
+        self.weight.copy_(torch.cat([filters, -filters]).float())
+
+
+class Scale(nn.Module):
+    """Multiplies by a constant."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def small_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    # Identity (dirac) init of the first c_in filters: each block starts close to passing its input through.
+    nn.init.dirac_(conv.weight.data[: min(c_in, c_out)])
+    return conv
+
+
+def small_bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    bn.weight.requires_grad_(False)  # scale fixed at 1 (airbench): lets the shift train at a high learning rate
+    return bn
+
+
 def small_block(c_in: int, c_out: int) -> list[nn.Module]:
     # Pool right after the first conv (airbench): halves the cost of BN/GELU and of the second conv.
     return [
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        small_conv(c_in, c_out),
         nn.MaxPool2d(2),
-        nn.BatchNorm2d(c_out),
+        small_bn(c_out),
         nn.GELU(),
-        *conv_bn(c_out, c_out),
+        small_conv(c_out, c_out),
+        small_bn(c_out),
         nn.GELU(),
     ]
 
 
 def small_features(widths: tuple[int, int, int] = (32, 64, 128)) -> tuple[nn.Module, int]:
     w1, w2, w3 = widths
-    # airbench's stem: a 2×2 conv (32 → 31 px) without BN, cheap at full resolution where CPU time goes.
-    layers: list[nn.Module] = [nn.Conv2d(3, 24, 2), nn.GELU(), *small_block(24, w1), *small_block(w1, w2)]
-    layers += [*small_block(w2, w3), nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+    # airbench's stem: a whitening 2×2 conv (32 → 31 px) without BN, cheap at full resolution where CPU time goes.
+    stem = PatchWhitening(3, 2)
+    layers: list[nn.Module] = [stem, nn.GELU(), *small_block(stem.out_channels, w1), *small_block(w1, w2)]
+    # Features scaled by 1/9 (airbench's logit scale): with label smoothing, keeps early logits soft.
+    layers += [*small_block(w2, w3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), Scale(1 / 9)]
     return nn.Sequential(*layers), w3
 
 
@@ -157,6 +228,22 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
 }
 # The smallest input each keeps at least 1×1 after its poolings (vgg16: five halvings; small: 2×2 stem, three).
 MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 8, "small": 16}
+
+
+@contextlib.contextmanager
+def channels_last(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's conv weights in channels-last layout inside the block, its own layout restored after.
+
+    Channels-last convolutions are faster on CPUs (oneDNN: 1.4x measured on the small CNN) and on GPUs. Attacks and
+    metrics all run the model in this one layout, so their predictions agree to the last bit.
+    """
+    contiguous = [p.is_contiguous() for p in model.parameters() if p.ndim == 4]
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    try:
+        yield model
+    finally:
+        if contiguous and all(contiguous):
+            model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier:

@@ -282,7 +282,8 @@ def retrain_stage(
         model = load_model(start[0], "cpu")
         model = grow_head(model, classes - model.spec.num_classes) if classes > model.spec.num_classes else model
         recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
-    result = train(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile)
+    fresh = cfg.retrain.mode == "scratch"
+    result = train(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile, init=fresh)
     run.finish(folder, {"n": n})
     run.timed(f"retrain-{name}{tag}-N{n}", started)
     return result.model, key

@@ -34,7 +34,7 @@ from .distributed import all_sum, barrier, block, broadcast_state, is_main, worl
 from .errors import AdvretrainError, CheckpointError
 from .faults import kill_point
 from .io import save_torch, write_json
-from .models import Classifier
+from .models import Classifier, channels_last
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,36 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
-def augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding) and horizontal flip of a whole batch at once. images: B×C×H×W, any dtype."""
+def augment(images: torch.Tensor, padding: int, mirror: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) of a whole batch at once, and a horizontal flip of the images `mirror` marks.
+
+    images: B×C×H×W, any dtype; mirror: B bools or None.
+    """
     b, _, h, w = images.shape
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(images.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(images.device)
-    mirror = (torch.rand(b, generator=gen) < 0.5).to(images.device) if flip else None
     padded = F.pad(images, (padding,) * 4) if padding else images
     rows = dy[:, None] + torch.arange(h, device=images.device)  # B×H source rows
     cols = dx[:, None] + torch.arange(w, device=images.device)  # B×W source columns
     if mirror is not None:
-        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+        cols = torch.where(mirror.to(images.device)[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=images.device)[:, None, None]
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: B×H×W×C
     return out.permute(0, 3, 1, 2)  # B×C×H×W (channels-last in memory)
+
+
+def mirrors(cfg: TrainConfig, n: int, epoch: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Which of the n training images to flip this epoch (N bools), or None without flips.
+
+    Alternating (airbench): each image flips in every other epoch from a seeded random start, so two epochs show
+    both versions of every image where random flips repeat a quarter of them.
+    """
+    if not cfg.flip:
+        return None
+    if cfg.alternate_flip:
+        start = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(cfg.seed)).bool()
+        return start ^ bool(epoch % 2)
+    return torch.rand(n, generator=gen) < 0.5
 
 
 def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -76,10 +92,15 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    # No weight decay on BN scales and biases (1-D parameters): decaying them only hurts (Goyal et al. 2017).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD over the trainable parameters in three groups: weights (decayed), BatchNorm's (lr × cfg.bn_lr_scale)
+    and the other biases. No weight decay on 1-D parameters: decaying them only hurts (Goyal et al. 2017)."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0, "lr": cfg.lr * cfg.bn_lr_scale},
+        {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0},
+    ]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
@@ -97,10 +118,11 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, amp:
     model.eval()
     try:
         out = []
-        for start in range(0, images.shape[0], batch_size):
-            batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
-            with autocast(device, amp):
-                out.append(model(batch).float().to(images.device))
+        with channels_last(model):  # the attacks' layout: the same logits to the last bit
+            for start in range(0, images.shape[0], batch_size):
+                batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+                with autocast(device, amp):
+                    out.append(model(batch).float().to(images.device))
         return torch.cat(out) if out else torch.empty(0)
     finally:
         model.train(was_training)
@@ -110,12 +132,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     """Top-1 accuracy."""
     preds = predict(model, images, batch_size).argmax(1)
     return float((preds.cpu() == labels.cpu()).float().mean())
-
-
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 or [0,1] N×C×H×W images, in [0,1] units (for the Normalize layer)."""
-    flat = to_float(images.transpose(0, 1).reshape(images.shape[1], -1))  # C×(N·H·W)
-    return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
 def fingerprint(cfg: TrainConfig, model: Classifier, data: ImageDataset) -> str:
@@ -158,15 +174,18 @@ def train(
     test: ImageDataset | None = None,
     progress: bool = True,
     compile: bool = False,
+    init: bool = True,
 ) -> TrainResult:
     """Train `model` on `data`; with `out_dir`, checkpoint each epoch and resume from the last one.
 
     `compile` runs the training forward through torch.compile (weights and checkpoints are the model's own).
+    `init` gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn
+    it off to fine-tune trained weights.
     """
     key = fingerprint(cfg, model, data)
     state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
-    if state is None:
-        model.set_normalization(*channel_stats(data.images))
+    if state is None and init:
+        model.init_from_data(data.images)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -232,6 +251,7 @@ def _train_epoch(
     device = images.device
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # per-epoch: resumable mid-run
     order = torch.randperm(images.shape[0], generator=gen).to(device)
+    flips = mirrors(cfg, images.shape[0], epoch, gen)  # N, indexed by image
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -247,7 +267,8 @@ def _train_epoch(
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
-        x = to_float(augment(images[idx], cfg.crop_padding, cfg.flip, gen))  # the global batch, as on one process
+        mirror = flips[idx.cpu()] if flips is not None else None
+        x = to_float(augment(images[idx], cfg.crop_padding, mirror, gen))  # the global batch, as on one process
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
         if cfg.channels_last:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvretrainError
+from ..models import channels_last
 
 
 class AttackError(AdvretrainError):
@@ -54,14 +55,15 @@ def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
 
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients (input gradients only: cheaper), restored on exit."""
+    """Eval mode, no parameter gradients (input gradients only: cheaper) and channels-last weights, restored on exit."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        yield model
+        with channels_last(model):
+            yield model
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
