@@ -108,6 +108,18 @@ def test_cw_keeps_the_smallest_successful_perturbation() -> None:
     assert (l2_long[both] < l2_short[both] - 1e-6).any()  # the later rounds did find smaller ones
 
 
+def test_cw_abort_early_watches_the_batch_or_each_image() -> None:
+    """The reference ends a round for the whole batch; per image, stalled images leave it and the rest go on."""
+    model, x = affine(5, seed=3), mid_images(10, seed=4)
+    y = torch.zeros(10, dtype=torch.long)
+    batch = CarliniWagnerL2(binary_search_steps=3, steps=100, initial_const=1.0)(model, x, y)
+    per_image = CarliniWagnerL2(binary_search_steps=3, steps=100, initial_const=1.0, per_image_abort=True)(model, x, y)
+    assert batch.iterations is not None and per_image.iterations is not None
+    assert (batch.iterations == batch.iterations[0]).all()  # every image ran every step of every round
+    assert len(set(per_image.iterations.tolist())) > 1  # each image left when its own loss stalled
+    assert torch.equal(per_image.success, batch.success)
+
+
 def test_cw_failures_return_the_clean_image() -> None:
     model, x = affine(3), mid_images(4)
     result = CarliniWagnerL2(binary_search_steps=1, steps=2, initial_const=1e-6)(model, x, torch.zeros(4).long())

@@ -1,7 +1,8 @@
 """Carlini-Wagner L2 (Carlini & Wagner 2017), batched, with a per-image binary search over the constant c.
 
 Reference: carlini/nn_robust_attacks l2_attack.py (METHOD.md 2.3). Targeted by default at the least-likely class of
-the clean image under the attacked model. Images whose loss stalls leave the batch (per-image abort-early).
+the clean image under the attacked model. Abort-early watches the batch's total loss, as the reference does, or
+each image's own (`per_image_abort`), when a stalled image leaves the batch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ class CarliniWagnerL2:
         initial_const: the first c (1e-3).
         confidence: κ, the required logit margin (0).
         targeted: aim at the least-likely class (True) or just away from the label (False).
-        abort_early: stop an image's round when its loss has not dropped 0.01% over steps/10 iterations.
+        abort_early: end a round when the loss has not dropped 0.01% over steps/10 iterations.
+        per_image_abort: watch each image's loss and drop it from the batch when it stalls, rather than the batch's
+            total (the reference). Measured on the small CNN (benchmarks/attacks_vs_peers.py, 5×100): 1.5x faster,
+            median L2 5% larger: an image whose loss pauses for ten steps stops improving for good.
     """
 
     name = "cw"
@@ -40,13 +44,14 @@ class CarliniWagnerL2:
         confidence: float = 0.0,
         targeted: bool = True,
         abort_early: bool = True,
+        per_image_abort: bool = False,
         batch_size: int = 256,
     ) -> None:
         if binary_search_steps < 1 or steps < 1 or lr <= 0 or initial_const <= 0 or confidence < 0:
             raise AttackError("cw: need binary_search_steps, steps >= 1 and lr, initial_const > 0, confidence >= 0")
         self.binary_search_steps, self.steps, self.lr = binary_search_steps, steps, lr
         self.initial_const, self.confidence, self.targeted = initial_const, confidence, targeted
-        self.abort_early, self.batch_size = abort_early, batch_size
+        self.abort_early, self.per_image_abort, self.batch_size = abort_early, per_image_abort, batch_size
 
     @classmethod
     def profile(cls, name: str, **kwargs: float | bool | int) -> CarliniWagnerL2:
@@ -88,7 +93,7 @@ class CarliniWagnerL2:
             w = w0.clone().requires_grad_(True)  # reset w and Adam's state every round (reference)
             optimizer = torch.optim.Adam([w], lr=self.lr)
             round_success = torch.zeros(n, dtype=torch.bool, device=x0.device)
-            previous = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
+            previous = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)  # per image, or [0]: total
             active = torch.arange(n, device=x0.device)
             for step in range(self.steps):
                 x = (torch.tanh(w[active]) + 1) / 2  # A×C×H×W, inside [0,1] by construction
@@ -106,6 +111,11 @@ class CarliniWagnerL2:
                     best_l2[active[better]] = l2[better]
                     best[active[better]] = x[better]
                     if self.abort_early and step % check_every == 0:
+                        if not self.per_image_abort:
+                            if loss.sum() > previous[0] * 0.9999:
+                                break
+                            previous[0] = loss.sum()
+                            continue
                         stalled = loss > previous[active] * 0.9999
                         previous[active] = loss
                         active = active[~stalled]
