@@ -1,6 +1,6 @@
 """Benchmark: fit GAP on full CIFAR-10 against a trained model on this CPU; the fooling ratio on the test set.
 
-    python benchmarks/gap_fit.py --checkpoint runs/small/model.safetensors --data cifar10 --batch-size 128 --epochs 8
+    python benchmarks/gap_fit.py --checkpoint runs/small/model.safetensors --data cifar10 --batch-size 128 --epochs 5
 
 The reference's batch of 30 spends most of each step in the generator on a CPU (one G(z) per step whatever the
 batch); 128 images per step fit ~2.6x more images per second, so the CPU run uses it and says so.

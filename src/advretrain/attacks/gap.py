@@ -71,8 +71,9 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: 1×3×H×W, raw 0-255 noise as the reference feeds it
         # As in the reference, the tanh saturates within ~60 Adam steps and U freezes as a ±eps pattern. Measured
-        # on CIFAR-10 (small CNN, 1,000 held-out images): frozen reference 0.38 fooling ratio; keeping gradients
-        # alive (tanh input normalised, or a straight-through tanh) 0.08. So the reference behaviour is kept.
+        # on CIFAR-10 (the unwhitened small CNN of before, 1,000 held-out images): frozen reference 0.38 fooling
+        # ratio; keeping gradients alive (tanh input normalised, or a straight-through tanh) 0.08. So the
+        # reference behaviour is kept.
         out: torch.Tensor = self.net(z)
         return out  # 1×3×H×W in (-1, 1)
 
