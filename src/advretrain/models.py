@@ -234,7 +234,7 @@ MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 8, "small": 16}
 def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     """The model's conv weights in channels-last layout inside the block, its own layout restored after.
 
-    Channels-last convolutions are faster on CPUs (oneDNN: 1.4x measured on the small CNN) and on GPUs. Attacks and
+    Channels-last convolutions are faster on CPUs (oneDNN: a small-CNN training step 1.4x) and on GPUs. Attacks and
     metrics all run the model in this one layout, so their predictions agree to the last bit.
     """
     contiguous = [p.is_contiguous() for p in model.parameters() if p.ndim == 4]
