@@ -221,14 +221,6 @@ class KNNLabeler:
         residual: torch.Tensor = (centred - coords @ components.T).norm(dim=1)
         return residual
 
-    def neighbours(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances and reference indices of the k nearest references in PCA space, both N×k."""
-        _, _, refs, _ = self._fitted()
-        return self._search(self.project(flatten(images)), refs)
-
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
-        return self.residual(flatten(images))
-
     def _search(self, queries: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.backend == "faiss":
             return knn_faiss(queries, refs, self.k)

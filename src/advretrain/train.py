@@ -252,6 +252,7 @@ def _train_epoch(
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # per-epoch: resumable mid-run
     order = torch.randperm(images.shape[0], generator=gen).to(device)
     flips = mirrors(cfg, images.shape[0], epoch, gen)  # N, indexed by image
+    flips = flips.to(device) if flips is not None else None  # indexed by `idx` on the device: no per-step copy
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -267,7 +268,7 @@ def _train_epoch(
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
-        mirror = flips[idx.cpu()] if flips is not None else None
+        mirror = flips[idx] if flips is not None else None
         x = to_float(augment(images[idx], cfg.crop_padding, mirror, gen))  # the global batch, as on one process
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]

@@ -93,7 +93,8 @@ class CarliniWagnerL2:
             w = w0.clone().requires_grad_(True)  # reset w and Adam's state every round (reference)
             optimizer = torch.optim.Adam([w], lr=self.lr)
             round_success = torch.zeros(n, dtype=torch.bool, device=x0.device)
-            previous = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)  # per image, or [0]: total
+            previous = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)  # each image's loss
+            previous_total = float("inf")  # the batch's, for the reference's criterion
             active = torch.arange(n, device=x0.device)
             for step in range(self.steps):
                 x = (torch.tanh(w[active]) + 1) / 2  # A×C×H×W, inside [0,1] by construction
@@ -110,12 +111,12 @@ class CarliniWagnerL2:
                     better = won & (l2 < best_l2[active])
                     best_l2[active[better]] = l2[better]
                     best[active[better]] = x[better]
-                    if self.abort_early and step % check_every == 0:
-                        if not self.per_image_abort:
-                            if loss.sum() > previous[0] * 0.9999:
-                                break
-                            previous[0] = loss.sum()
-                            continue
+                    if self.abort_early and step % check_every == 0 and not self.per_image_abort:
+                        total = float(loss.sum())
+                        if total > previous_total * 0.9999:
+                            break
+                        previous_total = total
+                    elif self.abort_early and step % check_every == 0:
                         stalled = loss > previous[active] * 0.9999
                         previous[active] = loss
                         active = active[~stalled]
