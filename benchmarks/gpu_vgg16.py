@@ -31,14 +31,9 @@ from advretrain.device import resolve_device
 from advretrain.metrics import attack_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from project_protocol import SHAPES, gradient_rate, labeler_seconds, project
+from project_protocol import SHAPES, gradient_rate, labeler_rate, print_table, project, sync
 
 PAPER = {"clean_accuracy": 0.9237, "gap": 0.82, "deepfool": 0.99, "cw": 1.00, "fgsm": 0.9282}  # METHOD.md 1.1, 1.3
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -51,7 +46,7 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def calibrate(job: TrainJob, data: ImageDataset, device: torch.device) -> float:
     """Training images/s of the real loop: the second of two epochs over 40 batches (the first pays warm-up)."""
-    n = min(40 * job.train.batch_size, len(data))
+    n = min(40 * job.train.batch_size, len(data))  # any images do for a speed: the first n
     cfg = job.train.model_copy(update={"epochs": 2})
     model = build_model(job.model.name, data.num_classes, data.image_size)
     result = train(model, data.subset(torch.arange(n)), cfg, device, progress=False)
@@ -158,8 +153,9 @@ def main() -> None:
 
     if "fgsm" in chosen:
         craft("fgsm", FGSM(eps=0.07), len(test_set))
+    deepfool = DeepFool()
     if "deepfool" in chosen:
-        craft("deepfool", DeepFool(), args.attack_images)
+        craft("deepfool", deepfool, args.attack_images)
     if "gap" in chosen:
         gap = GAP(lr=0.002, epochs=args.gap_epochs, batch_size=30)
         _, fit_s = timed(device, lambda: gap.fit(model, train_set.images))
@@ -175,23 +171,23 @@ def main() -> None:
 
     # 3. the paper-cifar10 protocol projected from these rates
     exp = build_config(ExperimentConfig, "paper-cifar10")
-    n_train, n_test, size, classes = SHAPES["cifar10"]
-    queries = sum(max(exp.retrain.sizes[a]) + n_test for a in exp.attacks)
+    _, _, size, classes = SHAPES["cifar10"]
     rates = {
         "train": train_rate,
         "gradient": gradient_rate(exp, size, classes, device, 256),
-        "labeler": labeler_seconds(n_train, queries, exp.labeler.pca_dims, 3 * size * size, device),
+        "labeler": labeler_rate(exp, SHAPES["cifar10"], device),
     }
-    passes = {"deepfool": attacks["deepfool"]["mean_iterations"] * 10, "cw": attacks["cw"]["mean_iterations"]}
+    passes = {  # gradients per image: DeepFool one per candidate per iteration, C&W one per Adam step
+        "deepfool": attacks["deepfool"]["mean_iterations"] * deepfool.candidates,
+        "cw": attacks["cw"]["mean_iterations"],
+    }
     stages = project(exp, rates, passes, SHAPES["cifar10"])
     record("projection", {"rates": rates, "passes": passes, "stages_hours": {n: s / 3600 for n, s, _ in stages}})
     print(
         f"\npaper-cifar10 projected on this {device} ({rates['gradient']:.0f} gradient passes/s; passes per image: "
         f"DeepFool {passes['deepfool']:.1f}, C&W {passes['cw']:.0f}, measured above)"
     )
-    for name, seconds, _ in stages:
-        print(f"  {name}: {seconds / 3600:.2f} h")
-    print(f"  total: {sum(s for _, s, _ in stages) / 3600:.2f} h")
+    print_table(stages, 1)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,24 @@ def labeler_seconds(train_n: int, queries: int, dims: int, pixels: int, device: 
     return fit + (time.perf_counter() - started) * queries / q.shape[0]
 
 
+def labeler_rate(cfg: ExperimentConfig, shape: tuple[int, int, int, int], device: torch.device) -> float:
+    """The labeler's seconds in the protocol: PCA on the training set, 1-NN for every crafted pool and test set."""
+    train_n, test_n, size, classes = shape
+    queries = sum(max(cfg.retrain.sizes[a]) + min(test_n, cfg.test_images or test_n) for a in cfg.attacks)
+    train_n = train_n if not cfg.data.train_per_class else min(train_n, cfg.data.train_per_class * classes)
+    return labeler_seconds(train_n, queries, cfg.labeler.pca_dims, 3 * size * size, device)
+
+
+def print_table(stages: list[tuple[str, float, bool]], processes: int) -> None:
+    p = max(1, processes)
+    print(f"\n| stage | 1 process | {p} processes |\n|---|---|---|")
+    for name, seconds, split in stages:
+        print(f"| {name} | {seconds / 3600:.2f} h | {seconds / (p if split else 1) / 3600:.2f} h |")
+    one = sum(s for _, s, _ in stages)
+    many = sum(s / (p if split else 1) for _, s, split in stages)
+    print(f"| **total** | **{one / 3600:.2f} h** | **{many / 3600:.2f} h** |")
+
+
 def project(
     cfg: ExperimentConfig, rates: dict[str, float], passes: dict[str, float], shape: tuple[int, ...]
 ) -> list[tuple[str, float, bool]]:
@@ -141,15 +159,13 @@ def main() -> None:
     cfg = build_config(ExperimentConfig, args.config)
     device = resolve_device(args.device)
     shape = SHAPES.get(cfg.data.dataset, SHAPES["cifar10"])
-    _, test_n, size, classes = shape
+    _, _, size, classes = shape
     attack_batch = int(cfg.attack.cw.get("batch_size", 256))
     rates: dict[str, Any] = {
         "train": train_rate(cfg, size, classes, device),
         "gradient": gradient_rate(cfg, size, classes, device, attack_batch),
     }
-    queries = sum(max(cfg.retrain.sizes[a]) + min(test_n, cfg.test_images or test_n) for a in cfg.attacks)
-    train_n = shape[0] if not cfg.data.train_per_class else min(shape[0], cfg.data.train_per_class * classes)
-    rates["labeler"] = labeler_seconds(train_n, queries, cfg.labeler.pca_dims, 3 * size * size, device)
+    rates["labeler"] = labeler_rate(cfg, shape, device)
     if args.checkpoint and args.data:
         passes = measured_passes(cfg, args.checkpoint, args.data, device)
         how = "measured on 64 real test images"
@@ -166,14 +182,7 @@ def main() -> None:
         f"training {rates['train']:.0f} images/s; attack gradient passes {rates['gradient']:.0f} images/s "
         f"(batch {attack_batch}); passes per image: DeepFool {passes['deepfool']:.1f}, C&W {passes['cw']:.0f} ({how})"
     )
-    stages = project(cfg, rates, passes, shape)
-    p = max(1, args.processes)
-    print(f"\n| stage | 1 process | {p} processes |\n|---|---|---|")
-    for name, seconds, split in stages:
-        print(f"| {name} | {seconds / 3600:.2f} h | {seconds / (p if split else 1) / 3600:.2f} h |")
-    one = sum(s for _, s, _ in stages)
-    many = sum(s / (p if split else 1) for _, s, split in stages)
-    print(f"| **total** | **{one / 3600:.2f} h** | **{many / 3600:.2f} h** |")
+    print_table(project(cfg, rates, passes, shape), args.processes)
 
 
 if __name__ == "__main__":
