@@ -29,10 +29,12 @@ def blobs(n: int = 96, classes: int = 3, seed: int = 0) -> ImageDataset:
 CFG = TrainConfig(epochs=3, batch_size=16, lr=0.05, schedule="onecycle", warmup_epochs=0.5, eval_batch_size=64)
 
 
-def test_training_learns_a_separable_task(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_training_learns_a_separable_task(tmp_path: Path, optimizer: str) -> None:
     torch.manual_seed(0)
     data = blobs()
-    result = train(build_model("small", 3), data, CFG, CPU, tmp_path, test=blobs(seed=1), progress=False)
+    cfg = CFG.model_copy(update={"optimizer": optimizer})
+    result = train(build_model("small", 3), data, cfg, CPU, tmp_path, test=blobs(seed=1), progress=False)
     assert result.test_accuracy is not None and result.test_accuracy > 0.9
     assert len(result.history) == 3 and result.history[-1]["loss"] < result.history[0]["loss"]
     reloaded = load_model(tmp_path / "model.safetensors")
@@ -40,10 +42,14 @@ def test_training_learns_a_separable_task(tmp_path: Path) -> None:
     assert (tmp_path / "train_state.pt").exists() and (tmp_path / "metrics.json").exists()
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_interrupted_run_resumes_to_identical_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str
+) -> None:
     data = blobs()
+    cfg = CFG.model_copy(update={"optimizer": optimizer})
     torch.manual_seed(0)
-    reference = train(build_model("small", 3), data, CFG, CPU, tmp_path / "a", progress=False).model
+    reference = train(build_model("small", 3), data, cfg, CPU, tmp_path / "a", progress=False).model
 
     real_save = train_module.save_torch
     saves = []
@@ -57,10 +63,10 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, monkeypatc
     monkeypatch.setattr(train_module, "save_torch", crash_after_two)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        train(build_model("small", 3), data, CFG, CPU, tmp_path / "b", progress=False)
+        train(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
     monkeypatch.setattr(train_module, "save_torch", real_save)
     torch.manual_seed(123)  # a different init must not matter: the checkpoint's weights are loaded
-    resumed = train(build_model("small", 3), data, CFG, CPU, tmp_path / "b", progress=False)
+    resumed = train(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
     for (name, a), b in zip(reference.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

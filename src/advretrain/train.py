@@ -35,6 +35,7 @@ from .errors import AdvretrainError, CheckpointError
 from .faults import kill_point
 from .io import save_torch, write_json
 from .models import Classifier, channels_last
+from .optim import MuonSGD
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +92,25 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
     return factor
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD over the trainable parameters in three groups: weights (decayed), BatchNorm's (lr × cfg.bn_lr_scale)
-    and the other biases. No weight decay on 1-D parameters: decaying them only hurts (Goyal et al. 2017)."""
+    and the other biases. No weight decay on 1-D parameters: decaying them only hurts (Goyal et al. 2017).
+    With `optimizer: muon` the conv filters form a fourth group that Muon updates (optim.MuonSGD)."""
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.weight_decay},
+    filters = [p for p in trainable if p.ndim == 4] if cfg.optimizer == "muon" else []
+    muon_ids = {id(p) for p in filters}
+    weights = [p for p in trainable if p.ndim > 1 and id(p) not in muon_ids]
+    groups: list[dict[str, Any]] = [
+        {"params": weights, "weight_decay": cfg.weight_decay},
         {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0, "lr": cfg.lr * cfg.bn_lr_scale},
         {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0},
     ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+    muon = {"params": filters, "muon": True, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "nesterov": True}
+    return MuonSGD([*groups, muon], lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
 
 
 def autocast(device: torch.device, enabled: bool) -> Any:
