@@ -43,11 +43,14 @@ def test_muon_groups_turn_renormalised_filters_by_an_orthogonal_step_and_the_res
         for net, opt in ((model, muon), (twin, sgd)):
             opt.zero_grad()
             net(x).square().mean().backward()
-        before = {id(p): (p.detach().clone(), p.grad.clone()) for p in model.parameters() if id(p) in filters}
-        expected_buffers = {
-            i: (muon.state[p]["momentum_buffer"].clone() if p in muon.state else torch.zeros_like(p))
+        before = {  # each filter bank's weights, gradient and momentum buffer before the step
+            id(p): (
+                p.detach().clone(),
+                p.grad.clone(),
+                muon.state[p].get("momentum_buffer", torch.zeros_like(p)).clone(),
+            )
             for p in model.parameters()
-            if (i := id(p)) in filters
+            if id(p) in filters
         }
         muon.step()
         sgd.step()
@@ -55,8 +58,8 @@ def test_muon_groups_turn_renormalised_filters_by_an_orthogonal_step_and_the_res
             if id(p) not in filters:  # SGD's groups: the same numbers as torch.optim.SGD
                 assert torch.allclose(p, q, atol=1e-6), step
                 continue
-            w, g = before[id(p)]
-            buf = expected_buffers[id(p)] * cfg.muon_momentum + g
+            w, g, previous = before[id(p)]
+            buf = previous * cfg.muon_momentum + g
             update = orthogonalize((g + cfg.muon_momentum * buf).reshape(len(p), -1), muon.ns_steps).view_as(p)
             expected = w * (len(p) ** 0.5 / w.norm()) - cfg.muon_lr * update
             assert torch.allclose(p, expected, atol=1e-6), step

@@ -74,7 +74,8 @@ class ResnetGenerator(nn.Module):
         # this one, but it scales and clips in place on `.data`, so its gradient reaches the tanh's input unchanged.
         # Tried, neither that gradient nor a normalised tanh input unfroze U. Held-out fooling ratios, exact vs the
         # reference's gradient: 0.108 vs 0.108 against a 13-epoch VGG16; 0.82 vs 0.88 (flat over 3 epochs) against
-        # the whitened small CNN, 10,000 images; 0.38 vs 0.08 against the unwhitened one of before. Kept exact.
+        # the whitened small CNN, 10,000 images; 0.38 vs 0.08 (a straight-through tanh) against the unwhitened one of
+        # before. Kept exact.
         out: torch.Tensor = self.net(z)
         return out  # 1×3×H×W in (-1, 1)
 
