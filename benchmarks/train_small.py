@@ -65,7 +65,7 @@ def ours_images_per_second(job: TrainJob, images: torch.Tensor, labels: torch.Te
 
     n = job.train.batch_size * (steps + 2)
     subset = ImageDataset(images[:n], labels[:n], [str(i) for i in range(10)])
-    cfg = job.train.model_copy(update={"epochs": 1})
+    cfg = job.train.model_copy(update={"epochs": 1, "progressive_sizes": []})  # full-size images, as the plain loop
     torch.manual_seed(0)
     result = train(build_model(job.model.name, 10), subset, cfg, torch.device("cpu"), progress=False)
     return result.history[0]["images_per_second"]

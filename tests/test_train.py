@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from advretrain import CheckpointError, ImageDataset, TrainConfig, build_model, load_model, train
-from advretrain.train import augment, evaluate, lr_factor, make_optimizer, mirrors
+from advretrain import CheckpointError, ConfigError, ImageDataset, TrainConfig, build_model, load_model, train
+from advretrain.config import TrainJob, build_config
+from advretrain.train import augment, evaluate, lr_factor, make_optimizer, mirrors, resize
 
 CPU = torch.device("cpu")
 train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`
@@ -42,12 +43,12 @@ def test_training_learns_a_separable_task(tmp_path: Path, optimizer: str) -> Non
     assert (tmp_path / "train_state.pt").exists() and (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+@pytest.mark.parametrize(("optimizer", "sizes"), [("sgd", []), ("muon", []), ("sgd", [16, 24])])
 def test_interrupted_run_resumes_to_identical_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, sizes: list[int]
 ) -> None:
     data = blobs()
-    cfg = CFG.model_copy(update={"optimizer": optimizer})
+    cfg = CFG.model_copy(update={"optimizer": optimizer, "progressive_sizes": sizes})
     torch.manual_seed(0)
     reference = train(build_model("small", 3), data, cfg, CPU, tmp_path / "a", progress=False).model
 
@@ -101,6 +102,38 @@ def test_alternating_flips_show_both_versions_of_every_image_in_two_epochs() -> 
     assert random[0] is not None and random[1] is not None
     assert 400 < int((random[0] == random[1]).sum()) < 600  # random flips agree on about half the images
     assert mirrors(CFG.model_copy(update={"flip": False}), 10, 0, gen) is None
+
+
+def test_progressive_resizing_trains_the_first_epochs_at_their_sizes() -> None:
+    model = build_model("small", 3)
+    seen: list[tuple[bool, int, int]] = []  # (training?, height, width) of every forward pass
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, *args[0].shape[-2:])))
+    cfg = CFG.model_copy(update={"progressive_sizes": [16, 24]})
+    result = train(model, blobs(), cfg, CPU, test=blobs(seed=1), progress=False)
+    steps = 96 // CFG.batch_size
+    sizes = [h for training, h, w in seen if training and h == w]
+    assert sizes == [16] * steps + [24] * steps + [32] * steps
+    assert {h for training, h, _ in seen if not training} == {32}  # evaluated at the data's size
+    assert result.test_accuracy is not None and result.test_accuracy > 0.9
+
+
+def test_resize_keeps_images_in_range_and_leaves_their_own_size_alone() -> None:
+    images = torch.rand(4, 3, 32, 32)
+    assert resize(images, None) is images and resize(images, 32) is images
+    small = resize(images, 20)
+    assert small.shape == (4, 3, 20, 20) and float(small.min()) >= 0 and float(small.max()) <= 1
+    flat = torch.full((1, 3, 32, 32), 0.25)
+    torch.testing.assert_close(resize(flat, 17), torch.full((1, 3, 17, 17), 0.25))
+
+
+def test_progressive_sizes_must_leave_the_last_epoch_at_full_size_and_fit_the_model() -> None:
+    with pytest.raises(ConfigError, match=r"train.progressive_sizes: 2 sizes for 2 epochs: the last epoch"):
+        build_config(TrainJob, None, ["train.epochs=2", "train.progressive_sizes=[16, 24]"])
+    with pytest.raises(ConfigError, match="at least 8 px"):
+        build_config(TrainJob, None, ["train.epochs=3", "train.progressive_sizes=[4]"])
+    cfg = build_config(TrainJob, None, ["train.epochs=2", "train.progressive_sizes=[16]"]).train
+    with pytest.raises(ConfigError, match="model vgg16 needs images of at least 32px, got 16px; raise the sizes"):
+        train(build_model("vgg16", 3), blobs(), cfg, CPU, progress=False)
 
 
 def test_optimizer_skips_frozen_parameters_and_scales_batchnorm_lr() -> None:

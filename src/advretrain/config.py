@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 
@@ -68,6 +68,21 @@ class TrainConfig(Frozen):
     eval_batch_size: int = Field(1024, ge=1, description="images per forward pass when evaluating")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels-last memory format (faster convs on CUDA and CPU)")
+    # Progressive resizing (fast.ai's DAWNBench runs; EfficientNetV2): early epochs learn coarse features as well
+    # from smaller, cheaper images; the last ones at full size fit the test images' scale and BatchNorm statistics.
+    progressive_sizes: list[int] = Field(
+        default_factory=list, description="px of the first epochs' images, one per epoch; the rest: the data's size"
+    )
+
+    @field_validator("progressive_sizes")
+    @classmethod
+    def _before_the_last_epoch(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
+        if any(size < 8 for size in sizes):
+            raise ValueError("sizes must be at least 8 px")
+        epochs = info.data.get("epochs")
+        if epochs is not None and len(sizes) >= epochs:
+            raise ValueError(f"{len(sizes)} sizes for {epochs} epochs: the last epoch must train at the data's size")
+        return sizes
 
 
 class TrainJob(Frozen):

@@ -31,10 +31,10 @@ from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset
 from .distributed import all_sum, barrier, block, broadcast_state, is_main, world_size
-from .errors import AdvretrainError, CheckpointError
+from .errors import AdvretrainError, CheckpointError, ConfigError
 from .faults import kill_point
 from .io import save_torch, write_json
-from .models import Classifier, channels_last
+from .models import MIN_IMAGE_SIZE, Classifier, channels_last
 from .optim import MuonSGD
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,18 @@ def augment(images: torch.Tensor, padding: int, mirror: torch.Tensor | None, gen
     batch = torch.arange(b, device=images.device)[:, None, None]
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: B×H×W×C
     return out.permute(0, 3, 1, 2)  # B×C×H×W (channels-last in memory)
+
+
+def resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Float B×C×H×W [0,1] images resized to size×size (antialiased bilinear: a convex mix, still in [0,1])."""
+    if size is None or size == images.shape[-1] == images.shape[-2]:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
+    """The image size of this epoch under progressive resizing; None: the data's own."""
+    return cfg.progressive_sizes[epoch] if epoch < len(cfg.progressive_sizes) else None
 
 
 def mirrors(cfg: TrainConfig, n: int, epoch: int, gen: torch.Generator) -> torch.Tensor | None:
@@ -191,6 +203,12 @@ def train(
     `init` gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn
     it off to fine-tune trained weights.
     """
+    smallest = min(cfg.progressive_sizes, default=None)
+    if smallest is not None and smallest < MIN_IMAGE_SIZE[model.spec.name]:
+        raise ConfigError(
+            f"train.progressive_sizes: model {model.spec.name} needs images of at least "
+            f"{MIN_IMAGE_SIZE[model.spec.name]}px, got {smallest}px; raise the sizes"
+        )
     key = fingerprint(cfg, model, data)
     state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
     if state is None and init:
@@ -262,6 +280,7 @@ def _train_epoch(
     order = torch.randperm(images.shape[0], generator=gen).to(device)
     flips = mirrors(cfg, images.shape[0], epoch, gen)  # N, indexed by image
     flips = flips.to(device) if flips is not None else None  # indexed by `idx` on the device: no per-step copy
+    size = epoch_size(cfg, epoch)
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -279,6 +298,7 @@ def _train_epoch(
         idx = order[start : start + cfg.batch_size]
         mirror = flips[idx] if flips is not None else None
         x = to_float(augment(images[idx], cfg.crop_padding, mirror, gen))  # the global batch, as on one process
+        x = resize(x, size)
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
         if cfg.channels_last:
