@@ -111,9 +111,9 @@ def test_progressive_resizing_trains_the_first_epochs_at_their_sizes() -> None:
     cfg = CFG.model_copy(update={"progressive_sizes": [16, 24]})
     result = train(model, blobs(), cfg, CPU, test=blobs(seed=1), progress=False)
     steps = 96 // CFG.batch_size
-    sizes = [h for training, h, w in seen if training and h == w]
-    assert sizes == [16] * steps + [24] * steps + [32] * steps
-    assert {h for training, h, _ in seen if not training} == {32}  # evaluated at the data's size
+    sizes = [(h, w) for training, h, w in seen if training]
+    assert sizes == [(16, 16)] * steps + [(24, 24)] * steps + [(32, 32)] * steps
+    assert {(h, w) for training, h, w in seen if not training} == {(32, 32)}  # evaluated at the data's size
     assert result.test_accuracy is not None and result.test_accuracy > 0.9
 
 
