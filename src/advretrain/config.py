@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -70,15 +70,13 @@ class TrainConfig(Frozen):
     channels_last: bool = Field(True, description="channels-last memory format (faster convs on CUDA and CPU)")
     # Progressive resizing (fast.ai's DAWNBench runs; EfficientNetV2): early epochs learn coarse features as well
     # from smaller, cheaper images; the last ones at full size fit the test images' scale and BatchNorm statistics.
-    progressive_sizes: list[int] = Field(
+    progressive_sizes: list[Annotated[int, Field(ge=8)]] = Field(
         default_factory=list, description="px of the first epochs' images, one per epoch; the rest: the data's size"
     )
 
     @field_validator("progressive_sizes")
     @classmethod
     def _before_the_last_epoch(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
-        if any(size < 8 for size in sizes):
-            raise ValueError("sizes must be at least 8 px")
         epochs = info.data.get("epochs")
         if epochs is not None and len(sizes) >= epochs:
             raise ValueError(f"{len(sizes)} sizes for {epochs} epochs: the last epoch must train at the data's size")

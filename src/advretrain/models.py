@@ -246,6 +246,12 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
             model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
+def require_image_size(name: str, image_size: int, fix: str) -> None:
+    """Refuse images too small for model `name`'s poolings, with `fix` telling how to change them."""
+    if image_size < MIN_IMAGE_SIZE[name]:
+        raise ConfigError(f"model {name} needs images of at least {MIN_IMAGE_SIZE[name]}px, got {image_size}px; {fix}")
+
+
 def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier:
     """A registry model mapping float [0,1] N×3×image_size×image_size to N×num_classes logits.
 
@@ -258,11 +264,7 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
     if num_classes < 1:
         raise ConfigError(f"model {name} needs at least one class, got {num_classes}")
-    if image_size < MIN_IMAGE_SIZE[name]:
-        raise ConfigError(
-            f"model {name} needs images of at least {MIN_IMAGE_SIZE[name]}px, got {image_size}px; "
-            "set data.image_size to resize them"
-        )
+    require_image_size(name, image_size, "set data.image_size to resize them")
     features, dim = MODELS[name]()
     return Classifier(ModelSpec(name, num_classes, image_size), features, dim)
 

@@ -31,10 +31,10 @@ from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset
 from .distributed import all_sum, barrier, block, broadcast_state, is_main, world_size
-from .errors import AdvretrainError, CheckpointError, ConfigError
+from .errors import AdvretrainError, CheckpointError
 from .faults import kill_point
 from .io import save_torch, write_json
-from .models import MIN_IMAGE_SIZE, Classifier, channels_last
+from .models import Classifier, channels_last, require_image_size
 from .optim import MuonSGD
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,8 @@ def train(
     `init` gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn
     it off to fine-tune trained weights.
     """
-    smallest = min(cfg.progressive_sizes, default=None)
-    if smallest is not None and smallest < MIN_IMAGE_SIZE[model.spec.name]:
-        raise ConfigError(
-            f"train.progressive_sizes: model {model.spec.name} needs images of at least "
-            f"{MIN_IMAGE_SIZE[model.spec.name]}px, got {smallest}px; raise the sizes"
-        )
+    for size in cfg.progressive_sizes:
+        require_image_size(model.spec.name, size, "raise train.progressive_sizes")
     key = fingerprint(cfg, model, data)
     state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
     if state is None and init:
