@@ -80,6 +80,26 @@ def test_checkpoint_of_another_job_is_refused(tmp_path: Path) -> None:
         train(build_model("small", 3), data, CFG.model_copy(update={"lr": 0.1}), CPU, tmp_path, progress=False)
 
 
+def test_checkpoint_config_is_read_through_the_current_schema(tmp_path: Path) -> None:
+    """A key added since the checkpoint, at its default, is the same job; a changed value is another."""
+    data, cfg = blobs(), CFG.model_copy(update={"epochs": 2})
+    train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+    path = tmp_path / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["progressive_sizes"]  # as written before the key existed
+    torch.save(state, path)
+    resumed = train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+    assert resumed.resumed_from_epoch == 2  # nothing retrained
+    state["config"]["label_smoothing"] = 0.1  # a value (or a default) that changed since
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="different training job"):
+        train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+    del state["config"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="different training job"):
+        train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+
+
 def test_augment_is_a_shifted_window_and_a_mirror() -> None:
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     mirror = torch.tensor([True, False])

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -155,10 +156,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return float((preds.cpu() == labels.cpu()).float().mean())
 
 
-def fingerprint(cfg: TrainConfig, model: Classifier, data: ImageDataset) -> str:
-    """Identity of a training job: a checkpoint from another job must never be resumed into this one."""
+def fingerprint(model: Classifier, data: ImageDataset) -> str:
+    """What a training job trains: the model's architecture and the exact training data (its config is kept apart)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([cfg.model_dump(mode="json"), model.spec.to_dict()], sort_keys=True).encode())
+    digest.update(json.dumps(model.spec.to_dict(), sort_keys=True).encode())
     digest.update(data.images.contiguous().numpy().tobytes())
     digest.update(data.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -172,14 +173,23 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-def _load_state(path: Path, expected: str) -> dict[str, Any] | None:
+def _load_state(path: Path, cfg: TrainConfig, expected: str) -> dict[str, Any] | None:
+    """The checkpoint of this job, if any: a checkpoint from another job must never be resumed into this one.
+
+    Its config is read through the current schema, as `rundir.record_config` reads a run's: a key added since, at
+    its default, does not make it another job; a changed value (a changed default included) does.
+    """
     if not path.exists():
         return None
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an untrusted or torn file: weights_only refuses code, anything else is corrupt
         raise CheckpointError(f"{path}: unreadable training checkpoint ({exc}); delete it to restart") from exc
-    if state.get("fingerprint") != expected:
+    try:
+        same_config = TrainConfig.model_validate(state.get("config")) == cfg
+    except ValidationError:  # a checkpoint without a config (older versions) or with one this version cannot read
+        same_config = False
+    if state.get("fingerprint") != expected or not same_config:
         raise CheckpointError(
             f"{path} belongs to a different training job (config, model or data changed); use a fresh --out"
         )
@@ -205,8 +215,8 @@ def train(
     """
     for size in cfg.progressive_sizes:
         require_image_size(model.spec.name, size, "raise train.progressive_sizes")
-    key = fingerprint(cfg, model, data)
-    state = _load_state(out_dir / STATE_FILE, key) if out_dir else None
+    key = fingerprint(model, data)
+    state = _load_state(out_dir / STATE_FILE, cfg, key) if out_dir else None
     if state is None and init:
         model.init_from_data(data.images)
     model.to(device)
@@ -239,6 +249,7 @@ def train(
                 out_dir / STATE_FILE,
                 {
                     "fingerprint": key,
+                    "config": cfg.model_dump(mode="json"),
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
