@@ -10,7 +10,7 @@ import torch
 
 from advretrain import CheckpointError, ConfigError, ImageDataset, TrainConfig, build_model, load_model, train
 from advretrain.config import TrainJob, build_config
-from advretrain.train import augment, evaluate, lr_factor, make_optimizer, mirrors, resize
+from advretrain.train import TrainResult, augment, evaluate, lr_factor, make_optimizer, mirrors, resize
 
 CPU = torch.device("cpu")
 train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`
@@ -83,21 +83,24 @@ def test_checkpoint_of_another_job_is_refused(tmp_path: Path) -> None:
 def test_checkpoint_config_is_read_through_the_current_schema(tmp_path: Path) -> None:
     """A key added since the checkpoint, at its default, is the same job; a changed value is another."""
     data, cfg = blobs(), CFG.model_copy(update={"epochs": 2})
-    train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+
+    def run() -> TrainResult:
+        return train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+
+    run()
     path = tmp_path / "train_state.pt"
     state = torch.load(path, weights_only=True)
     del state["config"]["progressive_sizes"]  # as written before the key existed
     torch.save(state, path)
-    resumed = train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
-    assert resumed.resumed_from_epoch == 2  # nothing retrained
+    assert run().resumed_from_epoch == 2  # nothing retrained
     state["config"]["label_smoothing"] = 0.1  # a value (or a default) that changed since
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="different training job"):
-        train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+        run()
     del state["config"]
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="different training job"):
-        train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+        run()
 
 
 def test_augment_is_a_shifted_window_and_a_mirror() -> None:
