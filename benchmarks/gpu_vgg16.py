@@ -9,6 +9,7 @@
    and C&W's gradient passes per image taken from step 2.
 
     python benchmarks/gpu_vgg16.py --data PATH/cifar10-jpeg.tar.gz --device cuda --json results.json
+    python benchmarks/gpu_vgg16.py --data ... --attacks none --set train.lr=0.1   # a variant of the recipe alone
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="CIFAR-10: a name or path (e.g. the cifar10-jpeg archive)")
     parser.add_argument("--config", default="train-vgg16-cifar10")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (train.lr=0.1)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-budget", type=float, default=330, help="seconds of training allowed")
     parser.add_argument("--attack-images", type=int, default=1000, help="test images for DeepFool")
     parser.add_argument("--cw-images", type=int, default=256, help="test images for C&W (9 x 1,000)")
     parser.add_argument("--gap-epochs", type=int, default=3)
-    parser.add_argument("--attacks", default="fgsm,deepfool,gap,cw", help="comma list; the projection needs all")
+    parser.add_argument(
+        "--attacks", default="fgsm,deepfool,gap,cw", help="comma list (none: training only); the projection needs all"
+    )
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -88,7 +92,7 @@ def main() -> None:
         f"{torch.__version__}",
         flush=True,
     )
-    job = build_config(TrainJob, args.config, [f"data.dataset={args.data}"])
+    job = build_config(TrainJob, args.config, [f"data.dataset={args.data}", *args.set])
     (train_set, test_set), load_s = timed(
         device, lambda: (load_dataset(args.data, "train"), load_dataset(args.data, "test"))
     )
@@ -130,6 +134,8 @@ def main() -> None:
             "seconds": train_s,
             "images_per_second": train_rate,
             "test_accuracy": result.test_accuracy,
+            "config": cfg.model_dump(mode="json"),
+            "history": result.history,
         },
     )
     print(
