@@ -85,6 +85,10 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args()
+    # Checked before the training: a misspelt attack would otherwise be skipped silently at the end of a GPU lease.
+    chosen = set() if args.attacks == "none" else set(args.attacks.split(","))
+    if unknown := chosen - {"fgsm", "deepfool", "gap", "cw"}:
+        parser.error(f"unknown attacks {sorted(unknown)}; choose from fgsm,deepfool,gap,cw or none")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     device = resolve_device(args.device)
     print(
@@ -149,7 +153,6 @@ def main() -> None:
     x_all, y_all = test_set.images.float().div(255).to(device), test_set.labels.to(device)
     pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))
     attacks: dict[str, dict[str, float]] = {}
-    chosen = args.attacks.split(",")
 
     def craft(name: str, attack: Callable[..., AttackResult], count: int) -> None:
         idx = pick[:count].to(device)
