@@ -49,7 +49,7 @@ def calibrate(job: TrainJob, data: ImageDataset, device: torch.device) -> float:
     """Training images/s of the real loop: the second of two epochs over 40 batches (the first pays warm-up)."""
     n = min(40 * job.train.batch_size, len(data))  # any images do for a speed: the first n
     cfg = job.train.model_copy(update={"epochs": 2})
-    model = build_model(job.model.name, data.num_classes, data.image_size)
+    model = build_model(job.model.name, data.num_classes, data.image_size, job.model.flip_average)
     result = train(model, data.subset(torch.arange(n)), cfg, device, progress=False)
     return float(result.history[-1]["images_per_second"])
 
@@ -125,7 +125,7 @@ def main() -> None:
     )
     cfg = job.train.model_copy(update={"epochs": epochs})
     torch.manual_seed(cfg.seed)
-    model = build_model(job.model.name, train_set.num_classes, train_set.image_size)
+    model = build_model(job.model.name, train_set.num_classes, train_set.image_size, job.model.flip_average)
     result, train_s = timed(device, lambda: train(model, train_set, cfg, device, test=test_set, progress=False))
     assert result.test_accuracy is not None
     later = result.history[1:] or result.history  # the first epoch pays warm-up

@@ -56,7 +56,7 @@ def train_rate(cfg: ExperimentConfig, size: int, classes: int, device: torch.dev
 
 def gradient_rate(cfg: ExperimentConfig, size: int, classes: int, device: torch.device, batch: int) -> float:
     """Input-gradient passes per second (images × passes / s) at the attacks' batch size, float32, eval mode."""
-    model = build_model(cfg.model.name, classes, size).to(device).eval()
+    model = build_model(cfg.model.name, classes, size, cfg.model.flip_average).to(device).eval()
     x = torch.rand(batch, 3, size, size, device=device)
     y = torch.arange(batch, device=device) % classes
     reps = 10 if device.type == "cuda" else 3

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from advretrain import TrainJob, build_config, build_model, load_dataset, train
+from advretrain import TrainJob, build_config, build_model, evaluate, load_dataset, train
 from advretrain.device import resolve_device
 from advretrain.train import make_optimizer
 
@@ -93,7 +94,7 @@ def main() -> None:
         return
     torch.manual_seed(job.train.seed)
     started = time.perf_counter()
-    model = build_model(job.model.name, train_set.num_classes)
+    model = build_model(job.model.name, train_set.num_classes, flip_average=job.model.flip_average)
     out = Path(args.out) if args.out else None
     result = train(model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False)
     seconds = time.perf_counter() - started
@@ -105,6 +106,10 @@ def main() -> None:
         f"full run: {job.train.epochs} epochs in {seconds:.0f} s, test accuracy {result.test_accuracy:.4f} "
         f"on {len(test_set)} images ({torch.get_num_threads()} threads)"
     )
+    if result.model.spec.flip_average:  # the same weights on the image alone, to show what the averaging adds
+        result.model.spec = replace(result.model.spec, flip_average=False)
+        alone = evaluate(result.model, test_set.images, test_set.labels)
+        print(f"  that accuracy averages each image with its mirror; on the image alone: {alone:.4f}")
 
 
 if __name__ == "__main__":

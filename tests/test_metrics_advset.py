@@ -77,6 +77,9 @@ def test_adversarial_set_roundtrip_is_exact_and_resumable(tmp_path: Path) -> Non
     assert loaded.indices.tolist() == list(range(10)) and torch.equal(loaded.labels, labels)
     assert (loaded.targets == -1).all() and loaded.meta["model_fingerprint"] == model_fingerprint(model)
     assert sorted(p.name for p in folder.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    averaged = build_model("small", 10, flip_average=True)
+    averaged.load_state_dict(model.state_dict())  # the same weights, another classifier: not the attacked model
+    assert model_fingerprint(averaged) != model_fingerprint(model)
 
     # A killed run: shard 1 and the completion marker missing. The rerun writes only what is missing.
     (folder / "meta.json").unlink()

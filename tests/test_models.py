@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from advretrain import MODELS, ConfigError, build_model, grow_head
+from advretrain import MODELS, ConfigError, build_model, grow_head, load_model, save_model
 from advretrain.models import PatchWhitening, channels_last
 
 
@@ -95,6 +97,27 @@ def test_grow_head_keeps_old_class_weights() -> None:
     after = model(x)
     assert after.shape == (4, 12) and model.spec.num_classes == 12
     assert torch.allclose(after[:, :10], before, atol=1e-6)
+
+
+def test_flip_average_averages_image_and_mirror_in_eval_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("small", 10, flip_average=True).eval()
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    averaged = model(x)
+    assert torch.allclose(averaged, (model.logits(x) + model.logits(x.flip(3))) / 2, atol=1e-6)
+    assert torch.allclose(model(x.flip(3)), averaged, atol=1e-5)  # the classifier is mirror-symmetric
+    assert not torch.allclose(model.logits(x), averaged, atol=1e-3)
+    averaged.sum().backward()  # attacks differentiate through both passes: the mirror's gradient is the mirror
+    mirror = x.detach().flip(3).requires_grad_(True)
+    model(mirror).sum().backward()
+    assert x.grad is not None and mirror.grad is not None and torch.allclose(mirror.grad, x.grad.flip(3), atol=1e-6)
+    grow_head(model, 1)  # the labeler's extra class keeps the averaging, and so does a checkpoint
+    save_model(tmp_path / "model.safetensors", model)
+    reloaded = load_model(tmp_path / "model.safetensors")
+    assert reloaded.spec.flip_average and reloaded.spec.num_classes == 11
+    assert torch.allclose(reloaded(x), model(x), atol=1e-6)
+    model.train()  # training sees mirrors as augmentation, never averaged
+    assert torch.equal(model(x), model.logits(x))
 
 
 def test_unknown_model_is_a_config_error() -> None:

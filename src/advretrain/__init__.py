@@ -2,7 +2,7 @@
 
 Public API (stable names):
     load_dataset(spec, split, root=None) → ImageDataset (.images uint8 N×C×H×W, .labels int64 N, .classes)
-    build_model(name, num_classes, image_size=32) → nn.Module mapping [0,1] N×C×H×W to logits
+    build_model(name, num_classes, image_size=32, flip_average=False) → nn.Module mapping [0,1] N×C×H×W to logits
     load_model(checkpoint_path) → the trained model, in eval mode
     train(model, data, cfg, device, out_dir=None, test=None) → TrainResult
     evaluate(model, images, labels) → top-1 accuracy

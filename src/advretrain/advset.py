@@ -26,13 +26,16 @@ from .distributed import barrier, block, is_main
 from .errors import AdvretrainError
 from .faults import kill_point
 from .io import save_safetensors, write_json
+from .models import Classifier
 
 META = "meta.json"
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter and buffer: the identity of the attacked model."""
+    """Hash of every parameter and buffer (and mirror averaging, when on): the identity of the attacked model."""
     digest = hashlib.blake2b(digest_size=16)
+    if isinstance(model, Classifier) and model.spec.flip_average:  # the same weights, another classifier
+        digest.update(b"flip_average")
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -44,7 +44,7 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
         spec = ModelSpec(**json.loads(meta["spec"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: no model spec in its metadata; it was not written by advretrain") from exc
-    model = build_model(spec.name, spec.num_classes, spec.image_size)
+    model = build_model(spec.name, spec.num_classes, spec.image_size, spec.flip_average)
     with safe_open(str(file), "pt") as fh:
         state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     try:

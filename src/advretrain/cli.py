@@ -83,7 +83,7 @@ def train_cmd(
     if is_main():
         write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
     torch.manual_seed(job.train.seed)
-    model = build_model(job.model.name, train_set.num_classes, train_set.image_size)
+    model = build_model(job.model.name, train_set.num_classes, train_set.image_size, job.model.flip_average)
     log.info(
         "training %s on %s (%d images, %d classes) on %s → %s",
         job.model.name,

@@ -33,6 +33,9 @@ class DataConfig(Frozen):
 
 class ModelConfig(Frozen):
     name: str = Field("small", description="a key of advretrain.models.MODELS")
+    flip_average: bool = Field(
+        False, description="average the logits of each image and its mirror at inference (2 passes per image)"
+    )
 
     @field_validator("name")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ class ModelSpec:
     name: str
     num_classes: int
     image_size: int = 32
+    flip_average: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -58,8 +59,17 @@ class Classifier(nn.Module):
         self.head = nn.Linear(feature_dim, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: N×3×H×W in [0,1]
-        logits: torch.Tensor = self.head(self.features(self.normalize(x)))  # N×classes
-        return logits
+        if self.spec.flip_average and not self.training:
+            # Test-time augmentation inside the model, so attacks and metrics see the classifier that is reported:
+            # the image and its mirror in one 2N batch, their logits averaged (training sees flips as augmentation).
+            both = self.logits(torch.cat([x, x.flip(3)]))  # 2N×classes
+            return (both[: x.shape[0]] + both[x.shape[0] :]) / 2
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on the image alone (no mirror averaging): N×3×H×W in [0,1] → N×classes."""
+        out: torch.Tensor = self.head(self.features(self.normalize(x)))
+        return out
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.normalize.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
@@ -252,8 +262,10 @@ def require_image_size(name: str, image_size: int, fix: str) -> None:
         raise ConfigError(f"model {name} needs images of at least {MIN_IMAGE_SIZE[name]}px, got {image_size}px; {fix}")
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier:
+def build_model(name: str, num_classes: int, image_size: int = 32, flip_average: bool = False) -> Classifier:
     """A registry model mapping float [0,1] N×3×image_size×image_size to N×num_classes logits.
+
+    `flip_average` makes the model, in eval mode, average its logits on each image and its mirror image.
 
     Example:
         >>> model = build_model("small", num_classes=10)
@@ -266,7 +278,7 @@ def build_model(name: str, num_classes: int, image_size: int = 32) -> Classifier
         raise ConfigError(f"model {name} needs at least one class, got {num_classes}")
     require_image_size(name, image_size, "set data.image_size to resize them")
     features, dim = MODELS[name]()
-    return Classifier(ModelSpec(name, num_classes, image_size), features, dim)
+    return Classifier(ModelSpec(name, num_classes, image_size, flip_average), features, dim)
 
 
 def grow_head(model: Classifier, extra_classes: int) -> Classifier:
@@ -277,5 +289,5 @@ def grow_head(model: Classifier, extra_classes: int) -> Classifier:
         new.weight[: old.out_features] = old.weight
         new.bias[: old.out_features] = old.bias
     model.head = new
-    model.spec = ModelSpec(model.spec.name, new.out_features, model.spec.image_size)
+    model.spec = replace(model.spec, num_classes=new.out_features)
     return model

@@ -157,9 +157,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def fingerprint(model: Classifier, data: ImageDataset) -> str:
-    """What a training job trains: the model's architecture and the exact training data (its config is kept apart)."""
+    """What a training job trains: the model's architecture and the exact training data (its config is kept apart).
+
+    Mirror averaging acts at inference only (training mode never averages), so it is not part of the job.
+    """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps(model.spec.to_dict(), sort_keys=True).encode())
+    architecture = {k: v for k, v in model.spec.to_dict().items() if k != "flip_average"}
+    digest.update(json.dumps(architecture, sort_keys=True).encode())
     digest.update(data.images.contiguous().numpy().tobytes())
     digest.update(data.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
