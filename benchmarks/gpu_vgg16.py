@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from advretrain import ImageDataset, TrainJob, build_config, build_model, load_dataset, train
+from advretrain import ImageDataset, TrainJob, build_config, load_dataset, train
 from advretrain.attacks import FGSM, GAP, AttackResult, CarliniWagnerL2, DeepFool
 from advretrain.config import ExperimentConfig
 from advretrain.device import resolve_device
@@ -49,7 +49,7 @@ def calibrate(job: TrainJob, data: ImageDataset, device: torch.device) -> float:
     """Training images/s of the real loop: the second of two epochs over 40 batches (the first pays warm-up)."""
     n = min(40 * job.train.batch_size, len(data))  # any images do for a speed: the first n
     cfg = job.train.model_copy(update={"epochs": 2})
-    model = build_model(job.model.name, data.num_classes, data.image_size, job.model.flip_average)
+    model = job.model.build(data.num_classes, data.image_size)
     result = train(model, data.subset(torch.arange(n)), cfg, device, progress=False)
     return float(result.history[-1]["images_per_second"])
 
@@ -125,7 +125,7 @@ def main() -> None:
     )
     cfg = job.train.model_copy(update={"epochs": epochs})
     torch.manual_seed(cfg.seed)
-    model = build_model(job.model.name, train_set.num_classes, train_set.image_size, job.model.flip_average)
+    model = job.model.build(train_set.num_classes, train_set.image_size)
     result, train_s = timed(device, lambda: train(model, train_set, cfg, device, test=test_set, progress=False))
     assert result.test_accuracy is not None
     later = result.history[1:] or result.history  # the first epoch pays warm-up

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advretrain import build_config, build_model, load_dataset, load_model
+from advretrain import build_config, load_dataset, load_model
 from advretrain.attacks import CarliniWagnerL2, DeepFool
 from advretrain.config import ExperimentConfig, TrainConfig
 from advretrain.data import ImageDataset
@@ -50,13 +50,13 @@ def train_rate(cfg: ExperimentConfig, size: int, classes: int, device: torch.dev
     n = cfg.train.batch_size * (20 if device.type == "cuda" else 4)
     data = ImageDataset(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.arange(n) % classes, [])
     recipe: TrainConfig = cfg.train.model_copy(update={"epochs": 2})
-    result = train(build_model(cfg.model.name, classes, size), data, recipe, device, progress=False)
+    result = train(cfg.model.build(classes, size), data, recipe, device, progress=False)
     return float(result.history[-1]["images_per_second"])
 
 
 def gradient_rate(cfg: ExperimentConfig, size: int, classes: int, device: torch.device, batch: int) -> float:
     """Input-gradient passes per second (images × passes / s) at the attacks' batch size, float32, eval mode."""
-    model = build_model(cfg.model.name, classes, size, cfg.model.flip_average).to(device).eval()
+    model = cfg.model.build(classes, size).to(device).eval()
     x = torch.rand(batch, 3, size, size, device=device)
     y = torch.arange(batch, device=device) % classes
     reps = 10 if device.type == "cuda" else 3

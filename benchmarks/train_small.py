@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from advretrain import TrainJob, build_config, build_model, evaluate, load_dataset, train
+from advretrain import TrainJob, build_config, evaluate, load_dataset, train
 from advretrain.device import resolve_device
 from advretrain.train import make_optimizer
 
@@ -43,7 +43,7 @@ class PlainAugmented(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def plain_loop_images_per_second(job: TrainJob, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
     torch.manual_seed(0)
-    model = build_model(job.model.name, 10)
+    model = job.model.build(10)
     optimizer = make_optimizer(model, job.train)
     loader = DataLoader(PlainAugmented(images, labels), batch_size=job.train.batch_size, shuffle=True, drop_last=True)
     model.train()
@@ -68,7 +68,7 @@ def ours_images_per_second(job: TrainJob, images: torch.Tensor, labels: torch.Te
     subset = ImageDataset(images[:n], labels[:n], [str(i) for i in range(10)])
     cfg = job.train.model_copy(update={"epochs": 1, "progressive_sizes": []})  # full-size images, as the plain loop
     torch.manual_seed(0)
-    result = train(build_model(job.model.name, 10), subset, cfg, torch.device("cpu"), progress=False)
+    result = train(job.model.build(10), subset, cfg, torch.device("cpu"), progress=False)
     return result.history[0]["images_per_second"]
 
 
@@ -94,7 +94,7 @@ def main() -> None:
         return
     torch.manual_seed(job.train.seed)
     started = time.perf_counter()
-    model = build_model(job.model.name, train_set.num_classes, flip_average=job.model.flip_average)
+    model = job.model.build(train_set.num_classes)
     out = Path(args.out) if args.out else None
     result = train(model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False)
     seconds = time.perf_counter() - started

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from advretrain import MODELS, ConfigError, build_model, grow_head, load_model, save_model
-from advretrain.models import PatchWhitening, channels_last
+from advretrain.config import ModelConfig
+from advretrain.models import ModelSpec, PatchWhitening, channels_last
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -101,7 +102,8 @@ def test_grow_head_keeps_old_class_weights() -> None:
 
 def test_flip_average_averages_image_and_mirror_in_eval_only(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_model("small", 10, flip_average=True).eval()
+    model = ModelConfig(flip_average=True).build(10).eval()  # a config passes every model key on
+    assert model.spec == ModelSpec("small", 10, 32, flip_average=True)
     x = torch.rand(4, 3, 32, 32, requires_grad=True)
     averaged = model(x)
     assert torch.allclose(averaged, (model.logits(x) + model.logits(x.flip(3))) / 2, atol=1e-6)

@@ -26,7 +26,6 @@ from .fooling import noise_images
 from .io import save_safetensors, write_json, write_yaml
 from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics
-from .models import build_model
 from .pipeline import run_experiment
 from .report import write_report
 from .rundir import environment, record_config, run_lock
@@ -83,7 +82,7 @@ def train_cmd(
     if is_main():
         write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
     torch.manual_seed(job.train.seed)
-    model = build_model(job.model.name, train_set.num_classes, train_set.image_size, job.model.flip_average)
+    model = job.model.build(train_set.num_classes, train_set.image_size)
     log.info(
         "training %s on %s (%d images, %d classes) on %s → %s",
         job.model.name,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .models import Classifier
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -47,6 +50,12 @@ class ModelConfig(Frozen):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown model{hint}; choose one of {', '.join(sorted(MODELS))}")
         return name
+
+    def build(self, num_classes: int, image_size: int = 32) -> Classifier:
+        """The model this section describes, every key passed on: the one place a config becomes a model."""
+        from .models import build_model
+
+        return build_model(self.name, num_classes, image_size, self.flip_average)
 
 
 class TrainConfig(Frozen):

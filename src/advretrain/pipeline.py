@@ -35,7 +35,7 @@ from .fooling import noise_images
 from .io import save_safetensors, write_json
 from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics
-from .models import Classifier, build_model, grow_head
+from .models import Classifier, grow_head
 from .train import evaluate, predict, train
 
 log = logging.getLogger("advretrain.pipeline")
@@ -111,7 +111,7 @@ def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> tuple
     log.info("baseline: training %s on %d images → %s", cfg.model.name, len(train_set), folder)
     started = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, train_set.num_classes, train_set.image_size, cfg.model.flip_average)
+    model = cfg.model.build(train_set.num_classes, train_set.image_size)
     result = train(model, train_set, cfg.train, run.device, folder, test_set, run.progress, cfg.compile)
     run.finish(folder, {"test_accuracy": result.test_accuracy})
     run.timed("baseline", started)
@@ -276,7 +276,7 @@ def retrain_stage(
     started = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     if cfg.retrain.mode == "scratch":
-        model = build_model(cfg.model.name, classes, train_set.image_size, cfg.model.flip_average)
+        model = cfg.model.build(classes, train_set.image_size)
         recipe = cfg.train
     else:
         model = load_model(start[0], "cpu")
