@@ -119,6 +119,16 @@ def test_second_load_comes_from_the_cache(image_folder: tuple[Path, dict], monke
     assert torch.equal(first.images, second.images) and second.classes == first.classes
 
 
+def test_a_changed_file_is_decoded_again(image_folder: tuple[Path, dict]) -> None:
+    root, written = image_folder
+    first = torch.from_numpy(written["train"][0]).permute(2, 0, 1)
+    assert torch.equal(load_dataset(str(root), "train").images[0], first)
+    changed = root / "train" / CLASSES[0] / "0000.png"
+    changed.write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    os.utime(changed, ns=(1, 1))  # a new mtime even on a file system with coarse timestamps
+    assert int(load_dataset(str(root), "train").images[0].sum()) == 0
+
+
 def test_truncated_jpeg_is_named(image_folder: tuple[Path, dict]) -> None:
     root, _ = image_folder
     from PIL import Image
