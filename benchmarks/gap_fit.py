@@ -15,6 +15,7 @@ import time
 from advretrain import load_dataset, load_model
 from advretrain.attacks import GAP
 from advretrain.metrics import attack_metrics
+from advretrain.runtime.io import save_state
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
         f"{metrics['adversarial_accuracy']:.4f}, L-inf {float(result.adversarial.sub(x).abs().max()):.5f}"
     )
     if args.out:
-        gap.save(args.out)
+        save_state(args.out, gap)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import torch
 from advretrain import ImageDataset, TrainJob, build_config, load_dataset, train
 from advretrain.attacks import FGSM, GAP, AttackResult, CarliniWagnerL2, DeepFool
 from advretrain.config import ExperimentConfig
-from advretrain.device import resolve_device
 from advretrain.metrics import attack_metrics
+from advretrain.runtime.device import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
 from project_protocol import SHAPES, gradient_rate, labeler_rate, print_table, project, sync

@@ -20,6 +20,7 @@ from advretrain import load_dataset, load_model
 from advretrain.attacks import FGSM, GAP
 from advretrain.fooling import fooling_images, noise_images
 from advretrain.labeler import KNNLabeler, label_report
+from advretrain.runtime.io import read_safetensors
 
 
 def timed(label: str, fn):  # type: ignore[no-untyped-def]
@@ -55,7 +56,7 @@ def cifar(args: argparse.Namespace) -> None:
     sources = torch.randperm(len(train), generator=rng)[: args.queries]
     test_idx = torch.arange(min(args.queries, len(test)))
     if args.gap:
-        universal = GAP().load(args.gap).perturbation
+        universal = GAP().load_state_dict(*read_safetensors(args.gap, "fitted GAP")).perturbation
         name = "GAP universal perturbation"
     else:
         universal = torch.sign(torch.randn(1, *train.images.shape[1:], generator=rng)) * 10 / 255

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from advretrain import build_config, load_dataset, load_model
-from advretrain.attacks import CarliniWagnerL2, DeepFool
+from advretrain.attacks import ATTACKS, CarliniWagnerL2, DeepFool
 from advretrain.config import ExperimentConfig, TrainConfig
 from advretrain.data import ImageDataset
-from advretrain.device import resolve_device
 from advretrain.labeler import fit_pca, knn
+from advretrain.pipeline.stages import retrain_sizes
+from advretrain.runtime.device import resolve_device
 from advretrain.train import train
 
 # (train images, test images, image size, classes) of the named datasets
@@ -130,10 +131,10 @@ def project(
     test_n = min(test_n, cfg.test_images or test_n)
     epochs, t, g = cfg.train.epochs, rates["train"], rates["gradient"]
     stages = [("baseline training", epochs * train_n / t, True)]
-    pgd_steps = int(cfg.attack.pgd.get("steps", 10))
-    gap_epochs = int(cfg.attack.gap.get("epochs", 10))
+    pgd_steps = int(ATTACKS["pgd"].configure(cfg.attack.get("pgd")).model_dump()["steps"])
+    gap_epochs = int(ATTACKS["gap"].configure(cfg.attack.get("gap")).model_dump()["epochs"])
     for name in cfg.attacks:
-        sizes = cfg.retrain.sizes[name]
+        sizes = retrain_sizes(cfg, name, train_n)
         per_image = {"fgsm": 1.0, "deepfool": passes["deepfool"], "cw": passes["cw"]}.get(name, 1.0)
         crafted = max(sizes) + test_n + len(sizes) * test_n  # pool, static test set, one adaptive set per N
         stages.append((f"{name}: crafting {crafted} images", crafted * per_image / g, True))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from advretrain import TrainJob, build_config, evaluate, load_dataset, train
-from advretrain.device import resolve_device
+from advretrain.runtime.device import resolve_device
 from advretrain.train import make_optimizer
 
 

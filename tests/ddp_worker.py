@@ -12,8 +12,9 @@ from advretrain.advset import craft_adversarial_set
 from advretrain.attacks import GAP, DeepFool
 from advretrain.config import TrainConfig
 from advretrain.data import ImageDataset
-from advretrain.distributed import init, rank, shutdown
 from advretrain.models import build_model
+from advretrain.runtime.distributed import init, rank, shutdown
+from advretrain.runtime.io import save_state
 from advretrain.train import train
 
 ONE_STEP = TrainConfig(epochs=1, batch_size=16, lr=0.1, crop_padding=0, flip=False, channels_last=False)
@@ -36,7 +37,7 @@ def main(out: Path) -> None:
     craft_adversarial_set(DeepFool(steps=10), victim, images, labels, out / "set", {}, shard_size=5)
     gap = fit_gap(victim)
     if rank() == 0:
-        gap.save(out / "gap.safetensors")
+        save_state(out / "gap.safetensors", gap)
     shutdown()
 
 

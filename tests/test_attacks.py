@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
-from advretrain.attacks import ATTACKS, FGSM, GAP, PGD, AttackError, CarliniWagnerL2, DeepFool, build_attack
+from advretrain.attacks import ATTACKS, FGSM, GAP, AttackError, CarliniWagnerL2, DeepFool, build_attack
 from advretrain.attacks.base import AttackResult
+from advretrain.runtime.io import read_safetensors, save_state
 
 
 class Affine(nn.Module):
@@ -168,55 +171,66 @@ def test_gap_learns_one_bounded_universal_perturbation() -> None:
     assert fr > 0.3 and fr > random_fr + 0.2, (fr, random_fr)
 
 
-def test_gap_saves_and_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_gap_state_round_trips_through_a_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = BrightnessClassifier()
     gap = GAP(epochs=1, batch_size=64, holdout=50, ngf=4).fit(model, brightness_task(200)[0])
-    gap.save(tmp_path / "gap.safetensors")
-    loaded = GAP().load(tmp_path / "gap.safetensors")
+    save_state(tmp_path / "gap.safetensors", gap)
+    loaded = GAP().load_state_dict(*read_safetensors(tmp_path / "gap.safetensors", "GAP"))
     x, y = brightness_task(20, seed=5)
     assert torch.equal(loaded(model, x, y).adversarial, gap(model, x, y).adversarial)
     with pytest.raises(AttackError, match="not fitted"):
         GAP()(model, x, y)
 
 
-def fitted_gap() -> GAP:
-    model = tiny_cnn()
-    return GAP(epochs=1, batch_size=16, holdout=8, ngf=4).fit(model, torch.rand(40, 3, 8, 8))
-
-
-ALL = {
-    "fgsm": lambda: FGSM(eps=0.05),
-    "pgd": lambda: PGD(eps=0.03, step_size=0.01, steps=3),
-    "deepfool": lambda: DeepFool(steps=10),
-    "cw": lambda: CarliniWagnerL2(binary_search_steps=2, steps=20),
-    "gap": fitted_gap,
+# Small budgets for the registry-wide tests (tiny images, CPU): each attack's keywords, the rest its defaults.
+FAST: dict[str, dict[str, float | int]] = {
+    "fgsm": {"eps": 0.05},
+    "pgd": {"eps": 0.03, "step_size": 0.01, "steps": 3},
+    "deepfool": {"steps": 10},
+    "cw": {"binary_search_steps": 2, "steps": 20},
+    "gap": {"epochs": 1, "batch_size": 16, "holdout": 8, "ngf": 4},
 }
-BUDGET = {"fgsm": 0.05, "pgd": 0.03, "gap": 10 / 255}
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
+def build(name: str, model: nn.Module, **extra: Any) -> Any:
+    """Attack `name` from the registry with its FAST keywords, fitted first when its spec says so."""
+    spec = ATTACKS[name]
+    attack = spec.build({**FAST.get(name, {}), **extra})
+    if spec.fitted:
+        attack.fit(model, torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(7)))
+    return attack
+
+
+def budget(name: str) -> float | None:
+    """The L-inf bound of an attack that has one (an `eps` keyword), else None."""
+    return getattr(ATTACKS[name].configure(FAST.get(name)), "eps", None)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_every_attack_respects_range_budget_inputs_and_model_state(name: str) -> None:
     model = tiny_cnn().train()  # left in train mode: the attack must use eval mode and restore train mode
     model[0].weight.requires_grad_(True)
     x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
     x_copy, running_mean = x.clone(), model[1].running_mean.clone()
-    result = ALL[name]()(model, x, y)
+    result = build(name, tiny_cnn())(model, x, y)
     assert isinstance(result, AttackResult)
     assert result.adversarial.shape == x.shape and result.success.shape == (6,) and result.success.dtype == torch.bool
     assert torch.isfinite(result.adversarial).all()
     assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
-    if name in BUDGET:
-        assert (result.adversarial - x).abs().max() <= BUDGET[name] + 1e-6
+    if (eps := budget(name)) is not None:
+        assert (result.adversarial - x).abs().max() <= eps + 1e-6
     assert torch.equal(x, x_copy), "inputs modified"
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert torch.equal(model[1].running_mean, running_mean), "BN statistics changed: not run in eval mode"
 
 
-@pytest.mark.parametrize("name", ["fgsm", "deepfool", "cw", "gap"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_a_batch_equals_its_images_one_by_one(name: str) -> None:
     model = tiny_cnn().eval()
     x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0])
-    attack = ALL[name]()
+    # A random start is drawn per batch, so only the deterministic part of the loop can equal its single images.
+    deterministic = {"random_start": False} if "random_start" in ATTACKS[name].settings.model_fields else {}
+    attack = build(name, model, **deterministic)
     whole = attack(model, x, y).adversarial
     single = torch.cat([attack(model, x[i : i + 1], y[i : i + 1]).adversarial for i in range(5)])
     torch.testing.assert_close(whole, single, atol=1e-5, rtol=0)
@@ -239,8 +253,20 @@ def test_registry_builds_every_attack_by_name() -> None:
     assert build_attack("gap").eps == pytest.approx(10 / 255)
     with pytest.raises(AttackError, match="unknown attack 'fgm'"):
         build_attack("fgm")
-    with pytest.raises(AttackError, match=r"attack fgsm: .*unexpected keyword"):
+    with pytest.raises(AttackError, match=r"attack fgsm: unknown keyword 'epsilon'; its keywords are eps, batch_size"):
         build_attack("fgsm", epsilon=0.1)
+    with pytest.raises(AttackError, match=r"attack pgd: steps: .*integer"):
+        build_attack("pgd", steps=2.5)
+
+
+def test_every_spec_reads_its_defaults_from_the_class() -> None:
+    for name, spec in ATTACKS.items():
+        defaults = spec.configure().model_dump()
+        built = spec.build()
+        for key, value in defaults.items():
+            assert getattr(built, key) == value, (name, key)
+    assert ATTACKS["gap"].fitted and ATTACKS["gap"].threat == "universal"
+    assert ATTACKS["cw"].targeted and not ATTACKS["fgsm"].targeted
 
 
 def test_deepfool_pushes_misclassified_images_too() -> None:

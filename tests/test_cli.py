@@ -91,7 +91,7 @@ def test_config_file_and_overrides_merge(tmp_path: Path) -> None:
 
 def test_a_recorded_config_without_a_newer_key_still_matches(tmp_path: Path) -> None:
     from advretrain.config import ExperimentConfig
-    from advretrain.rundir import record_config
+    from advretrain.runtime.rundir import record_config
 
     cfg = build_config(ExperimentConfig, "default")
     old = cfg.model_dump(mode="json")

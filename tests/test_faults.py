@@ -19,7 +19,7 @@ KILLS = [
     ("after-baseline", "the baseline finished"),
     ("labeler-fit", "inside the labeler's fit"),
     ("after-labeler", "the labeler saved"),
-    ("gap-epoch:1", "inside GAP's fit"),
+    ("fit-epoch:1", "inside GAP's fit"),
     ("attack-shard:1", "inside attack generation (a shard written, the set unfinished)"),
     ("after-attack", "an attack's pool and test set finished"),
     ("train-epoch:2", "inside a retraining"),
@@ -64,7 +64,7 @@ def test_same_config_and_seed_give_byte_identical_results(finished_run: Path, tm
 def test_interrupted_write_leaves_the_previous_file_intact(tmp_path: Path) -> None:
     target = tmp_path / "results.json"
     target.write_text('{"old": true}\n')
-    code = f"from advretrain.io import write_json; write_json({str(target)!r}, {{'new': True}})"
+    code = f"from advretrain.runtime.io import write_json; write_json({str(target)!r}, {{'new': True}})"
     env_run = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, "ADVRETRAIN_KILL_AT": "atomic-write"},

@@ -334,7 +334,7 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     path = checkpoint(tmp)
     from advretrain.checkpoint import read_metadata
-    from advretrain.io import save_safetensors
+    from advretrain.runtime.io import save_safetensors
 
     weights = build_model("small", 3, 16).state_dict()
     spec = json.loads(read_metadata(path)["spec"]) | {"name": "resnet18"}
@@ -364,12 +364,12 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     return [*train_on(folder(tmp)), "--out", str(out)], ["belongs to a different training job", "fresh --out"]
 
 
-@case("gap-file-that-is-not-a-gap")
+@case("fitted-file-that-is-not-a-gap")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     (tmp / "gap.safetensors").write_bytes(b"\x00" * 64)
     ckpt = str(checkpoint(tmp))
     args = ["attack", "--checkpoint", ckpt, "--attack", "gap", "--data", str(folder(tmp)), "--out", str(tmp / "a")]
-    return [*args, "--gap", str(tmp / "gap.safetensors")], ["not a saved GAP perturbation", "fit GAP again"]
+    return [*args, "--fitted", str(tmp / "gap.safetensors")], ["not a readable fitted gap", "write it again"]
 
 
 @case("folder-that-is-not-an-adversarial-set")
@@ -419,7 +419,7 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    mp.setattr("advretrain.io.os.replace", full)
+    mp.setattr("advretrain.runtime.io.os.replace", full)
     return [*train_on(folder(tmp)), "--out", str(tmp / "out")], ["cannot write", "No space left on device"]
 
 
@@ -428,7 +428,7 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     def read_only(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    mp.setattr("advretrain.io.tempfile.mkstemp", read_only)
+    mp.setattr("advretrain.runtime.io.tempfile.mkstemp", read_only)
     return [*train_on(folder(tmp)), "--out", str(tmp / "out")], ["Read-only file system", "writable output folder"]
 
 

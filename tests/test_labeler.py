@@ -13,6 +13,7 @@ from torch import nn
 
 from advretrain.fooling import fooling_images, noise_images
 from advretrain.labeler import KNNLabeler, LabelerError, fit_pca, knn, label_report
+from advretrain.runtime.io import read_safetensors, save_state
 
 
 def low_rank_images(n: int, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +108,8 @@ def test_fooling_clusters_get_consecutive_new_classes() -> None:
 def test_saved_and_reloaded_labeler_gives_identical_labels(tmp_path: Path) -> None:
     x, y = low_rank_images(300)
     labeler = KNNLabeler(pca_dims=6, k=3, fooling_percentile=99).fit(x, y)
-    labeler.save(tmp_path / "labeler.safetensors")
-    loaded = KNNLabeler.load(tmp_path / "labeler.safetensors")
+    save_state(tmp_path / "labeler.safetensors", labeler)
+    loaded = KNNLabeler.from_state_dict(*read_safetensors(tmp_path / "labeler.safetensors", "labeler"))
     queries = torch.cat([low_rank_images(100, seed=3)[0], noise_images(20, (3, 8, 8))])
     assert torch.equal(loaded.predict(queries), labeler.predict(queries))
     assert loaded.threshold == labeler.threshold

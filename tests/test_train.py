@@ -10,7 +10,8 @@ import torch
 
 from advretrain import CheckpointError, ConfigError, ImageDataset, TrainConfig, build_model, load_model, train
 from advretrain.config import TrainJob, build_config
-from advretrain.train import TrainResult, augment, evaluate, lr_factor, make_optimizer, mirrors, resize
+from advretrain.metrics import evaluate
+from advretrain.train import TrainResult, augment, lr_factor, make_optimizer, mirrors, resize
 
 CPU = torch.device("cpu")
 train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 TINY = [
     "data.train_per_class=20",
@@ -25,8 +26,10 @@ TINY = [
 
 
 def advretrain(*args: str, kill_at: str | None = None) -> subprocess.Popen[str]:
-    """`advretrain -q ARGS`; with `kill_at`, the process SIGKILLs itself there (advretrain.faults)."""
+    """`advretrain -q ARGS`; with `kill_at`, the process SIGKILLs itself there (advretrain.runtime.faults)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: bitwise-reproducible and no oversubscription
+    # the tests' folder importable, so that an import path such as `test_extensions:RandomSigns` resolves
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
     env.pop("ADVRETRAIN_KILL_AT", None)
     if kill_at:
         env["ADVRETRAIN_KILL_AT"] = kill_at

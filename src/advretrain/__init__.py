@@ -6,26 +6,36 @@ Public API (stable names):
     load_model(checkpoint_path) → the trained model, in eval mode
     train(model, data, cfg, device, out_dir=None, test=None) → TrainResult
     evaluate(model, images, labels) → top-1 accuracy
+    run(config, out, overrides=()) → Results: the protocol, run or resumed in `out` (config: a path, a shipped
+        config's name, a dict or an ExperimentConfig)
+    register_attack(name, cls, *, title, threat, ...) → AttackSpec: a new attack for every command and table
 """
 
 __version__ = "0.1.0"
 
+from .attacks import ATTACKS, register_attack
 from .checkpoint import load_model, save_model
-from .config import DataConfig, ModelConfig, TrainConfig, TrainJob, build_config
+from .config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, TrainJob, build_config
 from .data import ImageDataset, load_dataset
 from .errors import AdvretrainError, CheckpointError, ConfigError, DataError
+from .metrics import evaluate, predict
 from .models import MODELS, build_model, grow_head
-from .train import evaluate, predict, train
+from .pipeline import run
+from .results import Results
+from .train import train
 
 __all__ = [
+    "ATTACKS",
     "MODELS",
     "AdvretrainError",
     "CheckpointError",
     "ConfigError",
     "DataConfig",
     "DataError",
+    "ExperimentConfig",
     "ImageDataset",
     "ModelConfig",
+    "Results",
     "TrainConfig",
     "TrainJob",
     "__version__",
@@ -36,6 +46,8 @@ __all__ = [
     "load_dataset",
     "load_model",
     "predict",
+    "register_attack",
+    "run",
     "save_model",
     "train",
 ]

@@ -22,11 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .distributed import barrier, block, is_main
+from .data import to_float
 from .errors import AdvretrainError
-from .faults import kill_point
-from .io import save_safetensors, write_json
 from .models import Classifier
+from .runtime.distributed import barrier, block, is_main
+from .runtime.faults import kill_point
+from .runtime.io import save_safetensors, write_json
 
 META = "meta.json"
 
@@ -155,7 +156,7 @@ def craft_adversarial_set(
         if (path / shard_name(i)).exists():
             continue
         span = slice(i * shard_size, (i + 1) * shard_size)
-        x = images[span].float() / 255 if images.dtype == torch.uint8 else images[span]
+        x = to_float(images[span])
         result = attack(model, x, labels[span])
         write_shard(
             path,

@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
-from .io import save_safetensors
 from .models import Classifier, ModelSpec, build_model
+from .runtime.io import save_safetensors
 
 
 def save_model(path: str | os.PathLike[str], model: Classifier, extra: dict[str, str] | None = None) -> None:

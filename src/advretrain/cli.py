@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -13,32 +12,25 @@ import torch
 
 from . import __version__
 from .advset import craft_adversarial_set, load_adversarial_set
-from .attacks import ATTACKS, GAP, build_attack
+from .attacks import ATTACKS, get_attack
 from .checkpoint import load_model
-from .config import DataConfig, ExperimentConfig, TrainJob, build_config, parse_overrides, to_yaml_dict
-from .data import NAMED, ImageDataset, data_root, load_dataset, resolve
+from .config import TrainJob, build_config, parse_overrides, to_yaml_dict
+from .data import NAMED, data_root, load_dataset, resolve, to_float
 from .data.download import REMOTES, download, md5sum
-from .device import resolve_device
-from .distributed import init as init_distributed
-from .distributed import is_main, shutdown, world_size
 from .errors import AdvretrainError
 from .fooling import noise_images
-from .io import save_safetensors, write_json, write_yaml
 from .labeler import KNNLabeler, label_report
-from .metrics import attack_metrics
-from .pipeline import run_experiment
+from .metrics import attack_metrics, evaluate
+from .pipeline import load_split, run
+from .pipeline.run import require_out
 from .report import write_report
-from .rundir import environment, record_config, run_lock
-from .train import evaluate, train
+from .runtime.device import resolve_device
+from .runtime.distributed import init as init_distributed
+from .runtime.distributed import is_main, shutdown
+from .runtime.io import read_safetensors, save_safetensors, save_state, write_json, write_yaml
+from .train import train
 
 log = logging.getLogger("advretrain")
-
-
-def load_split(cfg: DataConfig, split: str) -> ImageDataset:
-    """A split of the configured dataset, with the configured stratified subset applied."""
-    data = load_dataset(cfg.dataset, split, cfg.root, cfg.image_size)
-    per_class = cfg.train_per_class if split == "train" else cfg.test_per_class
-    return data.stratified(per_class) if per_class else data
 
 
 def fresh_dir(kind: str) -> Path:
@@ -75,8 +67,7 @@ def train_cmd(
     """Train a classifier. OVERRIDES are section.key=value, e.g. train.epochs=5 data.dataset=cifar10."""
     job = build_config(TrainJob, config_path, (*overrides, *([f"device={device}"] if device else [])))
     dev = init_distributed(resolve_device(job.device))  # under torchrun: DDP over the ranks
-    if not out and world_size() > 1:
-        raise AdvretrainError("under torchrun every rank must write to the same folder; pass --out")
+    require_out(out)
     out_dir = Path(out) if out else fresh_dir("train")
     train_set, test_set = load_split(job.data, "train"), load_split(job.data, "test")
     if is_main():
@@ -93,8 +84,9 @@ def train_cmd(
         out_dir,
     )
     result = train(model, train_set, job.train, dev, out_dir, test_set, not ctx.obj["quiet"], job.compile)
+    main_rank = is_main()  # asked before the process group is gone
     shutdown()
-    if is_main():
+    if main_rank:
         click.echo(
             f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); model: {out_dir / 'model.safetensors'}"
         )
@@ -116,33 +108,10 @@ def run_cmd(
     ctx: click.Context, config_name: str, out: str | None, device: str | None, overrides: tuple[str, ...]
 ) -> None:
     """The paper's whole protocol: baseline, attacks, labels, retraining, evaluation, Tables 1-7 and figures."""
-    cfg = build_config(ExperimentConfig, config_name, (*overrides, *([f"device={device}"] if device else [])))
-    dev = init_distributed(resolve_device(cfg.device))  # under torchrun: join the group, this rank's device
-    if not out and world_size() > 1:
-        raise AdvretrainError("under torchrun every rank must write to the same run directory; pass --out")
+    require_out(out)
     run_dir = Path(out) if out else fresh_dir("run")
-    main_rank = is_main()  # rank 0 alone locks, logs to the file and writes the shared files
-    if not main_rank:
-        for handler in logging.getLogger().handlers:
-            handler.setLevel(logging.WARNING)
-    with run_lock(run_dir) if main_rank else contextlib.nullcontext():
-        if main_rank:
-            record_config(run_dir, cfg)
-        handler = logging.FileHandler(run_dir / "run.log") if main_rank else logging.NullHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-        try:
-            if main_rank:
-                write_json(run_dir / "environment.json", environment(dev) | {"processes": world_size()})
-            train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
-            log.info("run %s: %s on %s → %s", config_name, cfg.model.name, train_set.source, run_dir)
-            results = run_experiment(cfg, run_dir, train_set, test_set, progress=not ctx.obj["quiet"])
-            if main_rank:
-                write_json(run_dir / "results.json", results)
-                write_report(run_dir)
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+    run(config_name, run_dir, (*overrides, *([f"device={device}"] if device else [])), not ctx.obj["quiet"])
+    main_rank = is_main()  # asked before the process group is gone: after it, every process looks like rank 0
     shutdown()
     if main_rank:
         click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
@@ -183,12 +152,17 @@ def evaluate_cmd(
 
 @cli.command("attack")
 @click.option("--checkpoint", required=True, type=click.Path(), help="The attacked model (model.safetensors).")
-@click.option("--attack", "attack_name", required=True, type=click.Choice(sorted(ATTACKS)))
+@click.option("--attack", "attack_name", required=True, help=f"One of {', '.join(ATTACKS)}, or package.module:Class.")
 @click.option("--data", "dataset", default="cifar10-sample", show_default=True, help="Dataset name or path.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "val"]))
 @click.option("--limit", type=click.IntRange(min=1), help="Attack only the first N images of the split.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The adversarial set folder.")
-@click.option("--gap", "gap_file", type=click.Path(dir_okay=False), help="A fitted GAP to load instead of fitting.")
+@click.option(
+    "--fitted",
+    "fitted_file",
+    type=click.Path(dir_okay=False),
+    help="A fitted attack's state (e.g. GAP's fitted.safetensors) to load instead of fitting.",
+)
 @click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.argument("params", nargs=-1)
@@ -199,7 +173,7 @@ def attack_cmd(
     split: str,
     limit: int | None,
     out: str,
-    gap_file: str | None,
+    fitted_file: str | None,
     data_root: str | None,
     device: str,
     params: tuple[str, ...],
@@ -207,22 +181,22 @@ def attack_cmd(
     """Craft an adversarial set and print its metrics. PARAMS are attack keywords, e.g. eps=0.03 steps=20."""
     model = load_model(checkpoint, resolve_device(device))
     kwargs = parse_overrides(params)
-    attack = build_attack(attack_name, **kwargs)
+    spec = get_attack(attack_name)
+    attack = spec.build(kwargs, progress=True)
     data = load_dataset(dataset, split, data_root, model.spec.image_size)
     if limit:
         data = data.subset(torch.arange(min(limit, len(data))))
-    if isinstance(attack, GAP):
-        if gap_file:
-            attack.load(gap_file)
-        else:
-            log.info("fitting GAP on the training split of %s", dataset)
-            attack.fit(model, load_dataset(dataset, "train", data_root, model.spec.image_size).images)
-            attack.save(Path(out) / "gap.safetensors")
+    if spec.fitted and fitted_file:
+        attack.load_state_dict(*read_safetensors(fitted_file, f"fitted {attack_name}"))
+    elif spec.fitted:
+        log.info("fitting %s on the training split of %s", attack_name, dataset)
+        attack.fit(model, load_dataset(dataset, "train", data_root, model.spec.image_size).images)
+        save_state(Path(out) / "fitted.safetensors", attack)
     meta = {"attack": attack_name, "params": kwargs, "data": dataset, "split": split}
     craft_adversarial_set(attack, model, data.images, data.labels, out, meta)
     adv = load_adversarial_set(out)
-    clean = data.images.float() / 255
-    targets = adv.targets if bool((adv.targets >= 0).all()) else None
+    clean = to_float(data.images)
+    targets = adv.targets if spec.targeted and bool((adv.targets >= 0).all()) else None
     metrics = attack_metrics(model, clean, adv.adversarial, adv.labels, targets)
     write_json(Path(out) / "metrics.json", metrics)
     for key, value in metrics.items():

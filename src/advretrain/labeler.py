@@ -10,18 +10,14 @@ PCA-space distance cannot flag noise-like fooling images (PCA discards the noise
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from sklearn.cluster import KMeans
 
+from .data import to_float
 from .errors import AdvretrainError
-from .faults import kill_point
-from .io import save_safetensors
 
 
 class LabelerError(AdvretrainError):
@@ -30,7 +26,7 @@ class LabelerError(AdvretrainError):
 
 def flatten(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0,1] float N×C×H×W → float32 N×D in [0,1]."""
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_float(images)
     return x.reshape(x.shape[0], -1)
 
 
@@ -186,7 +182,6 @@ class KNNLabeler:
                 fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
         fit_x = x if fit_rows.numel() == x.shape[0] else x[fit_rows.to(x.device)]  # no copy unless holding out
         self.mean, self.components = fit_pca(fit_x, self.pca_dims)
-        kill_point("labeler-fit")
         self.ref_features = self.project(x)
         self.ref_labels = labels.to(self.device).long()
         self.num_classes = int(labels.max()) + 1
@@ -250,7 +245,8 @@ class KNNLabeler:
         km = KMeans(n_clusters=n, n_init=4, random_state=self.seed).fit(features.cpu().numpy())
         return torch.from_numpy(km.labels_.astype(np.int64)).to(features.device)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The fitted labeler as tensors and metadata (what `from_state_dict` rebuilds it from)."""
         mean, components, refs, labels = self._fitted()
         config = {
             "pca_dims": self.pca_dims,
@@ -261,30 +257,30 @@ class KNNLabeler:
             "threshold": self.threshold,
             "seed": self.seed,
         }
-        save_safetensors(
-            path,
-            {"mean": mean, "components": components, "ref_features": refs, "ref_labels": labels},
-            {"config": json.dumps(config)},
-        )
+        tensors = {"mean": mean, "components": components, "ref_features": refs, "ref_labels": labels}
+        return tensors, {"config": json.dumps(config)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> KNNLabeler:
+    def from_state_dict(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], device: str | torch.device = "cpu"
+    ) -> KNNLabeler:
         try:
-            with safe_open(str(Path(path)), "pt") as fh:
-                config = json.loads((fh.metadata() or {})["config"])
-                tensors = {key: fh.get_tensor(key).to(device) for key in fh.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise LabelerError(f"{path}: not a saved labeler ({exc}); fit one again") from exc
-        labeler = cls(
-            config["pca_dims"],
-            config["k"],
-            config["fooling_percentile"],
-            config["fooling_clusters"],
-            device=device,
-            seed=config["seed"],
-        )
-        labeler.mean, labeler.components = tensors["mean"], tensors["components"]
-        labeler.ref_features, labeler.ref_labels = tensors["ref_features"], tensors["ref_labels"]
+            config = json.loads(metadata["config"])
+            labeler = cls(
+                config["pca_dims"],
+                config["k"],
+                config["fooling_percentile"],
+                config["fooling_clusters"],
+                device=device,
+                seed=config["seed"],
+            )
+            labeler.mean, labeler.components = tensors["mean"].to(device), tensors["components"].to(device)
+            labeler.ref_features, labeler.ref_labels = (
+                tensors["ref_features"].to(device),
+                tensors["ref_labels"].to(device),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise LabelerError(f"not a saved labeler ({exc}); fit one again") from exc
         labeler.num_classes, labeler.threshold = config["num_classes"], config["threshold"]
         return labeler
 
@@ -309,11 +305,8 @@ def label_report(
         clean_test: (clean images, labels) the reference has never seen: the plain 1-NN baseline.
         fooling: fooling images (generated or noise): their flag rate.
     """
-    import time
-
     report: dict[str, float] = {}
     flags: dict[str, torch.Tensor] = {}
-    started = time.perf_counter()
     if train_source is not None:
         images, labels, indices = train_source
         nearest, voted, predicted = labeler.predict_parts(images)
@@ -333,5 +326,4 @@ def label_report(
         flags["fooling"] = labeler.predict(fooling) >= labeler.num_classes
     if labeler.threshold is not None:
         report |= {f"flag_rate_{name}": _rate(mask) for name, mask in flags.items()}
-    report["seconds"] = time.perf_counter() - started
     return report

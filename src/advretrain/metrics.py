@@ -1,5 +1,7 @@
 """The paper's metrics and the ones an honest evaluation adds, each from predictions and images (METHOD.md 0).
 
+`predict` is the one batched forward pass (eval mode, the attacks' memory layout) that every metric reads.
+
 - fooling ratio: share of *all* images whose prediction changes versus the clean prediction (the paper's metric);
 - success on correctly classified images; targeted success; accuracy on adversarial images;
 - L2 and L-inf perturbation norms (median and mean);
@@ -8,10 +10,44 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
 from torch import nn
 
-from .train import predict
+from .data import to_float
+from .models import channels_last
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> torch.Tensor:
+    """Logits (float32, on the images' device) for uint8 or [0,1] images, in eval mode, batched."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        with channels_last(model):  # the attacks' layout: the same logits to the last bit
+            for start in range(0, images.shape[0], batch_size):
+                batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+                with autocast(device, amp):
+                    out.append(model(batch).float().to(images.device))
+        return torch.cat(out) if out else torch.empty(0)
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy."""
+    preds = predict(model, images, batch_size).argmax(1)
+    return float((preds.cpu() == labels.cpu()).float().mean())
 
 
 def fooling_ratio(clean_pred: torch.Tensor, adv_pred: torch.Tensor) -> float:

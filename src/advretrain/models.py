@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from .data import to_float
 from .errors import ConfigError
+from .plugins import import_object
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -82,8 +84,7 @@ class Classifier(nn.Module):
         images: N×C×H×W, uint8 or float [0,1]; the first `sample` are enough for the 12×12 patch covariance.
         """
         self.set_normalization(*channel_stats(images))
-        x = images[:sample].to(self.normalize.mean.device).float()
-        x = x / 255 if images.dtype == torch.uint8 else x
+        x = to_float(images[:sample].to(self.normalize.mean.device))
         for module in self.features.modules():
             if isinstance(module, PatchWhitening):
                 module.fit(self.normalize(x))
@@ -91,8 +92,7 @@ class Classifier(nn.Module):
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 or [0,1] N×C×H×W images, in [0,1] units (for the Normalize layer)."""
-    flat = images.transpose(0, 1).reshape(images.shape[1], -1).float()  # C×(N·H·W)
-    flat = flat / 255 if images.dtype == torch.uint8 else flat
+    flat = to_float(images.transpose(0, 1).reshape(images.shape[1], -1))  # C×(N·H·W)
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
@@ -240,6 +240,51 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
 MIN_IMAGE_SIZE = {"vgg16": 32, "resnet18": 8, "small": 16}
 
 
+class ImportedClassifier(Classifier):
+    """A user's network, built by `package.module:builder(num_classes=, image_size=)`, behind the same interface.
+
+    The network maps [0,1] N×C×H×W images to logits and owns its normalisation, so nothing is fitted from data.
+    """
+
+    def __init__(self, spec: ModelSpec, net: nn.Module) -> None:
+        nn.Module.__init__(self)  # no registry normalise → features → head: the network is whole
+        self.spec = spec
+        self.net = net
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def init_from_data(self, images: torch.Tensor, sample: int = 5000) -> None:
+        """Nothing to fit: the user's network normalises its inputs itself."""
+
+
+def imported_model(spec: ModelSpec) -> ImportedClassifier:
+    """Call the builder named by `spec.name`; refuse, in one line, one that fails or returns no fitting network."""
+    builder = import_object(spec.name, "model")
+    try:
+        net = builder(num_classes=spec.num_classes, image_size=spec.image_size)
+    except Exception as exc:  # a user's builder may fail in any way
+        raise ConfigError(f"model builder {spec.name} failed: {type(exc).__name__}: {exc}; fix the builder") from exc
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model builder {spec.name} returned a {type(net).__name__}, not a torch nn.Module; fix it")
+    probe = torch.rand(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            shape = tuple(net.eval()(probe).shape)
+    except Exception as exc:
+        raise ConfigError(
+            f"model {spec.name} cannot take 2×3×{spec.image_size}×{spec.image_size} images in [0,1] "
+            f"({type(exc).__name__}: {exc}); fix the builder"
+        ) from exc
+    finally:
+        net.train(was_training)
+    if shape != (2, spec.num_classes):
+        raise ConfigError(f"model {spec.name} maps 2 images to {shape}, not (2, {spec.num_classes}) logits; fix it")
+    return ImportedClassifier(spec, net)
+
+
 @contextlib.contextmanager
 def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     """The model's conv weights in channels-last layout inside the block, its own layout restored after.
@@ -258,8 +303,9 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
 
 def require_image_size(name: str, image_size: int, fix: str) -> None:
     """Refuse images too small for model `name`'s poolings, with `fix` telling how to change them."""
-    if image_size < MIN_IMAGE_SIZE[name]:
-        raise ConfigError(f"model {name} needs images of at least {MIN_IMAGE_SIZE[name]}px, got {image_size}px; {fix}")
+    smallest = MIN_IMAGE_SIZE.get(name, 1)  # an imported model's builder is asked for the size instead
+    if image_size < smallest:
+        raise ConfigError(f"model {name} needs images of at least {smallest}px, got {image_size}px; {fix}")
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32, flip_average: bool = False) -> Classifier:
@@ -272,22 +318,42 @@ def build_model(name: str, num_classes: int, image_size: int = 32, flip_average:
         >>> model(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if name not in MODELS and ":" not in name:
+        raise ConfigError(
+            f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or package.module:builder"
+        )
     if num_classes < 1:
         raise ConfigError(f"model {name} needs at least one class, got {num_classes}")
     require_image_size(name, image_size, "set data.image_size to resize them")
+    if name not in MODELS:
+        return imported_model(ModelSpec(name, num_classes, image_size, flip_average))
     features, dim = MODELS[name]()
     return Classifier(ModelSpec(name, num_classes, image_size, flip_average), features, dim)
 
 
+def head_of(model: Classifier) -> tuple[nn.Module, str, nn.Linear]:
+    """The classifier's head: the last linear layer with one output per class, with its parent and attribute."""
+    heads = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == model.spec.num_classes
+    ]
+    if not heads:
+        raise ConfigError(f"model {model.spec.name} has no linear layer with one output per class to grow")
+    path, head = heads[-1]
+    parent_path, _, attr = path.rpartition(".")
+    return model.get_submodule(parent_path), attr, head
+
+
 def grow_head(model: Classifier, extra_classes: int) -> Classifier:
     """Add `extra_classes` outputs to the head (e.g. fooling-image classes), keeping the old classes' weights."""
-    old = model.head
-    new = nn.Linear(old.in_features, old.out_features + extra_classes).to(old.weight.device)
+    parent, attr, old = head_of(model)
+    new = nn.Linear(old.in_features, old.out_features + extra_classes, bias=old.bias is not None)
+    new = new.to(old.weight.device)
     with torch.no_grad():
         new.weight[: old.out_features] = old.weight
-        new.bias[: old.out_features] = old.bias
-    model.head = new
+        if old.bias is not None and new.bias is not None:
+            new.bias[: old.out_features] = old.bias
+    setattr(parent, attr, new)
     model.spec = replace(model.spec, num_classes=new.out_features)
     return model

@@ -16,37 +16,33 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import save_model
 from .config import TrainConfig
-from .data import ImageDataset
-from .distributed import all_sum, barrier, block, broadcast_state, is_main, world_size
+from .data import ImageDataset, to_float
 from .errors import AdvretrainError, CheckpointError
-from .faults import kill_point
-from .io import save_torch, write_json
-from .models import Classifier, channels_last, require_image_size
+from .metrics import autocast, evaluate
+from .models import Classifier, require_image_size
 from .optim import MuonSGD
+from .runtime.distributed import all_sum, barrier, block, broadcast_state, global_batch_mean, is_main, world_size
+from .runtime.faults import kill_point
+from .runtime.io import save_torch, write_json
+from .runtime.rundir import same_config
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0,255] or float [0,1] → float32 [0,1]."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 def augment(images: torch.Tensor, padding: int, mirror: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
@@ -126,36 +122,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return MuonSGD([*groups, muon], lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
 
 
-def autocast(device: torch.device, enabled: bool) -> Any:
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> torch.Tensor:
-    """Logits (float32, on the images' device) for uint8 or [0,1] images, in eval mode, batched."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        with channels_last(model):  # the attacks' layout: the same logits to the last bit
-            for start in range(0, images.shape[0], batch_size):
-                batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
-                with autocast(device, amp):
-                    out.append(model(batch).float().to(images.device))
-        return torch.cat(out) if out else torch.empty(0)
-    finally:
-        model.train(was_training)
-
-
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy."""
-    preds = predict(model, images, batch_size).argmax(1)
-    return float((preds.cpu() == labels.cpu()).float().mean())
-
-
 def fingerprint(model: Classifier, data: ImageDataset) -> str:
     """What a training job trains: the model's architecture and the exact training data (its config is kept apart).
 
@@ -189,11 +155,8 @@ def _load_state(path: Path, cfg: TrainConfig, expected: str) -> dict[str, Any] |
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an untrusted or torn file: weights_only refuses code, anything else is corrupt
         raise CheckpointError(f"{path}: unreadable training checkpoint ({exc}); delete it to restart") from exc
-    try:
-        same_config = TrainConfig.model_validate(state.get("config")) == cfg
-    except ValidationError:  # a checkpoint without a config (older versions) or with one this version cannot read
-        same_config = False
-    if state.get("fingerprint") != expected or not same_config:
+    # a checkpoint without a config (older versions) or with one this version cannot read is another job's too
+    if state.get("fingerprint") != expected or not same_config(state.get("config"), cfg):
         raise CheckpointError(
             f"{path} belongs to a different training job (config, model or data changed); use a fresh --out"
         )
@@ -226,12 +189,7 @@ def train(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    optimizer = make_optimizer(model, cfg)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch))
-    )
+    optimizer, scheduler = _optimizer_and_schedule(model, cfg, len(data))
     history: list[dict[str, float]] = []
     start_epoch = 0
     if state is not None:
@@ -241,39 +199,67 @@ def train(
         history, start_epoch = state["history"], int(state["epoch"])
         log.info("resuming training from the checkpoint of epoch %d/%d", start_epoch, cfg.epochs)
     images, labels = data.images.to(device), data.labels.to(device)
-    net: nn.Module = model
-    if world_size() > 1:  # gradients averaged over ranks in the backward pass; rank 0's weights broadcast first
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+    net = _parallel(model, device, compile)
     for epoch in range(start_epoch, cfg.epochs):
         history.append(_train_epoch(net, images, labels, cfg, epoch, optimizer, scheduler, progress and is_main()))
         if out_dir is not None and is_main():
-            save_torch(
-                out_dir / STATE_FILE,
-                {
-                    "fingerprint": key,
-                    "config": cfg.model_dump(mode="json"),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                },
-            )
+            checkpoint = {
+                "fingerprint": key,
+                "config": cfg.model_dump(mode="json"),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+            }
+            save_torch(out_dir / STATE_FILE, checkpoint)
             kill_point("train-epoch")
+    return _finish(TrainResult(model, history, resumed_from_epoch=start_epoch), cfg, out_dir, test)
+
+
+def _optimizer_and_schedule(
+    model: nn.Module, cfg: TrainConfig, n: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    factor = lr_factor(cfg.schedule, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _parallel(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    """The module the steps run: DDP under torchrun (rank 0's weights broadcast first), compiled if asked."""
+    net: nn.Module = model
+    if world_size() > 1:  # gradients averaged over ranks in the backward pass
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    return net
+
+
+def _finish(result: TrainResult, cfg: TrainConfig, out_dir: Path | None, test: ImageDataset | None) -> TrainResult:
+    """Every rank with rank 0's weights, in eval mode and the default layout; rank 0 writes model and metrics."""
+    model = result.model
     broadcast_state(model)
     # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
     # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
     model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
-    result = TrainResult(model, history, resumed_from_epoch=start_epoch)
     if test is not None:
         result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
     if out_dir is not None and is_main():
         save_model(out_dir / MODEL_FILE, model)
-        write_json(out_dir / "metrics.json", {"history": history, "test_accuracy": result.test_accuracy})
+        write_json(out_dir / "metrics.json", {"history": result.history, "test_accuracy": result.test_accuracy})
     barrier()  # no rank reads the model before rank 0 has written it
     return result
+
+
+def _batch_starts(n: int, cfg: TrainConfig) -> range:
+    """Where each batch starts. A trailing batch too small to give each rank two images is left out (a different
+    one each epoch): BatchNorm cannot train on one image."""
+    trailing = n % cfg.batch_size
+    batches = range(0, n - (trailing if 0 < trailing < 2 * world_size() else 0), cfg.batch_size)
+    if not batches:
+        raise AdvretrainError(f"{n} training images cannot make a batch of two per process; add images")
+    return batches
 
 
 def _train_epoch(
@@ -293,17 +279,10 @@ def _train_epoch(
     flips = flips.to(device) if flips is not None else None  # indexed by `idx` on the device: no per-step copy
     size = epoch_size(cfg, epoch)
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    totals = torch.zeros(2, device=device)  # loss sum and correct predictions of the global batches so far
     seen = 0
     started = time.perf_counter()
-    # A trailing batch too small to give each rank two images is left out (a different one each epoch): BatchNorm
-    # cannot train on one image.
-    world = world_size()
-    trailing = images.shape[0] % cfg.batch_size
-    batches = range(0, images.shape[0] - (trailing if 0 < trailing < 2 * world else 0), cfg.batch_size)
-    if not batches:
-        raise AdvretrainError(f"{images.shape[0]} training images cannot make a batch of two per process; add images")
+    batches = _batch_starts(images.shape[0], cfg)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for i, start in enumerate(bar):
         idx = order[start : start + cfg.batch_size]
@@ -312,37 +291,47 @@ def _train_epoch(
         x = resize(x, size)
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp):
-            logits = model(x)
-            if world == 1:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            else:  # DDP averages gradients over ranks: sum · world / global batch makes that the global mean
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
-                loss = loss * (world / idx.numel())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * (idx.numel() / world)  # summed over ranks: the global batch's loss sum
-        correct += (logits.argmax(1) == y).sum()
+        totals += _step(model, x, y, idx.numel(), cfg, optimizer, scheduler)
         seen += idx.numel()
         if i % 25 == 0 or i == len(batches) - 1:  # sync with the device (and the other ranks) only now and then
-            totals = all_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
-            mean_loss = float(totals[0]) / seen
+            summed = all_sum(totals)
+            mean_loss, accuracy = float(summed[0]) / seen, float(summed[1]) / seen
             if not math.isfinite(mean_loss):
                 raise AdvretrainError(f"training diverged (loss {mean_loss}) in epoch {epoch + 1}; lower train.lr")
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(totals[1]) / seen:.3f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.3f}")
     seconds = time.perf_counter() - started
-    n = seen
-    stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": float(totals[1]) / n}
     log.info(
         "epoch %d/%d: loss %.4f, train accuracy %.4f, %.0f images/s",
         epoch + 1,
         cfg.epochs,
-        stats["loss"],
-        stats["train_accuracy"],
-        n / seconds,
+        mean_loss,
+        accuracy,
+        seen / seconds,
     )
-    return {**stats, "seconds": seconds, "images_per_second": n / seconds}
+    stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy}
+    return {**stats, "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def _step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    global_batch: int,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> torch.Tensor:
+    """One SGD step on this rank's part of a global batch; returns (loss · images / world, correct) of the part."""
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, cfg.amp):
+        logits = model(x)
+        cross_entropy = partial(F.cross_entropy, logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = global_batch_mean(cross_entropy, global_batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    scheduler.step()
+    # summed over ranks: the global batch's loss sum
+    loss_sum = loss.detach() * (global_batch / world_size())
+    return torch.stack([loss_sum, (logits.argmax(1) == y).sum().to(loss_sum.dtype)])

@@ -1,51 +1,68 @@
-"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, and a name → builder registry.
+"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, as specs in one name → spec registry.
 
->>> from advretrain.attacks import build_attack
+>>> from advretrain.attacks import ATTACKS, build_attack
+>>> ATTACKS["fgsm"].threat
+'white-box'
 >>> build_attack("fgsm", eps=0.03).eps
 0.03
+
+A new attack is one file here and one `register_attack` line below (or a call at run time, or an import path in a
+config): its class takes keyword-only settings and is called as `attack(model, images, labels) -> AttackResult`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 from .base import AttackError, AttackResult, check_inputs, frozen
 from .carlini_wagner import CW_PROFILES, CarliniWagnerL2
 from .deepfool import DeepFool
 from .gap import GAP, ResnetGenerator
 from .gradient import FGSM, PGD
+from .registry import (
+    ATTACKS,
+    THREATS,
+    Attack,
+    AttackSpec,
+    Fitted,
+    Threat,
+    build_attack,
+    get_attack,
+    register_attack,
+    slug,
+)
 
-ATTACKS: dict[str, Callable[..., Any]] = {
-    "fgsm": FGSM,
-    "deepfool": DeepFool,
-    "cw": CarliniWagnerL2,
-    "gap": GAP,
-    "pgd": PGD,
-}
+# The paper's N (METHOD.md 1.2, CIFAR-10): GAP and FGSM at four sizes; DeepFool and C&W: the whole training set.
+PAPER_SIZES = (50000, 25000, 12500, 9000)
+register_attack("gap", GAP, title="GAP (universal, L-inf 10/255)", threat="universal", retrain_sizes=PAPER_SIZES)
+register_attack("deepfool", DeepFool, title="DeepFool (L2)")
+register_attack("cw", CarliniWagnerL2, title="Carlini-Wagner L2, targeted at the least-likely class", targeted=True)
+register_attack("fgsm", FGSM, title="FGSM", retrain_sizes=PAPER_SIZES)
+register_attack("pgd", PGD, title="PGD (L-inf, 8/255)")
 
-
-def build_attack(name: str, **kwargs: Any) -> Any:
-    if name not in ATTACKS:
-        raise AttackError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
-    try:
-        return ATTACKS[name](**kwargs)
-    except TypeError as exc:
-        raise AttackError(f"attack {name}: {exc}; see its keyword arguments") from exc
-
+PAPER_ATTACKS: tuple[str, ...] = ("gap", "deepfool", "cw", "fgsm")  # the protocol's default: the paper's four
+ROBUSTNESS_ATTACK = "pgd"  # the standard check that a retrained model is robust rather than masking its gradients
 
 __all__ = [
     "ATTACKS",
     "CW_PROFILES",
     "FGSM",
     "GAP",
+    "PAPER_ATTACKS",
     "PGD",
+    "ROBUSTNESS_ATTACK",
+    "THREATS",
+    "Attack",
     "AttackError",
     "AttackResult",
+    "AttackSpec",
     "CarliniWagnerL2",
     "DeepFool",
+    "Fitted",
     "ResnetGenerator",
+    "Threat",
     "build_attack",
     "check_inputs",
     "frozen",
+    "get_attack",
+    "register_attack",
+    "slug",
 ]

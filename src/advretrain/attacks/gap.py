@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..distributed import all_sum, block, broadcast_state, world_size
-from ..faults import kill_point
-from ..io import save_safetensors
+from ..data import to_float
+from ..metrics import predict
+from ..runtime.distributed import all_sum, block, broadcast_state, global_batch_mean, world_size
 from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
 
 log = logging.getLogger(__name__)
@@ -111,6 +110,7 @@ class GAP:
         seed: int = 0,
         eval_batch_size: int = 512,
         progress: bool = False,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         if eps <= 0 or lr <= 0 or epochs < 1 or batch_size < 1 or holdout < 1:
             raise AttackError("gap: need eps, lr > 0 and epochs, batch_size, holdout >= 1")
@@ -126,10 +126,11 @@ class GAP:
         self.noise: torch.Tensor | None = None  # z: 1×3×H×W
         self.perturbation: torch.Tensor | None = None  # U: 1×3×H×W, |U| <= eps
         self.history: list[dict[str, float]] = []
+        self.on_epoch = on_epoch  # called after each epoch with its record (the pipeline's fault point)
 
     def fit(self, model: nn.Module, images: torch.Tensor) -> GAP:
         """Fit the generator against `model` on training images (uint8 or [0,1] float N×C×H×W)."""
-        x_all = images.float() / 255 if images.dtype == torch.uint8 else images
+        x_all = to_float(images)
         check_inputs(x_all, torch.zeros(x_all.shape[0], dtype=torch.long))
         n_hold = min(self.holdout, x_all.shape[0] // 5)  # small sets: hold out a fifth, never everything
         if n_hold < 1:
@@ -155,7 +156,8 @@ class GAP:
                 self._fit_epoch(model, net, x_all, fit_idx, optimizer, gen, epoch)
                 fr = self._holdout_fooling_ratio(model, hold, clean_hold)
                 self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr})
-                kill_point("gap-epoch")
+                if self.on_epoch is not None:
+                    self.on_epoch(self.history[-1])
                 log.info("gap epoch %d/%d: held-out fooling ratio %.4f", epoch + 1, self.epochs, fr)
                 if fr > best_fr:
                     best_fr = fr
@@ -194,12 +196,9 @@ class GAP:
             # z is one fixed pattern: G(z) once equals the reference's z tiled over the batch (BN sees the same stats).
             u = scale_to_budget(net(self.noise), self.eps)
             logits = logits_of(model, (x + u).clamp(0, 1))
-            if world == 1:
-                loss = torch.log(F.cross_entropy(logits, target))
-            else:  # ∇ log(mean CE of the global batch) = ∇ CE_sum / (B · mean CE); DDP averages over the ranks
-                ce_sum = F.cross_entropy(logits, target, reduction="sum")
-                mean = all_sum(ce_sum.detach()) / batch.numel()
-                loss = ce_sum * (world / (batch.numel() * mean))
+            mean = global_batch_mean(partial(F.cross_entropy, logits, target), batch.numel())
+            # ∇ log(mean CE of the global batch) = ∇ mean / mean: each rank divides by the global mean's value
+            loss = torch.log(mean) if world == 1 else mean / (all_sum(mean.detach()) / world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -212,15 +211,9 @@ class GAP:
         self.generator.train()
         return u
 
-    @torch.no_grad()
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        device = next(model.parameters()).device
-        return torch.cat(
-            [
-                logits_of(model, x[i : i + self.eval_batch_size].to(device)).argmax(1).cpu()
-                for i in range(0, x.shape[0], self.eval_batch_size)
-            ]
-        )
+        """Predicted classes (N, on x's device), batched on the model's device."""
+        return predict(model, x, self.eval_batch_size).argmax(1)
 
     def _holdout_fooling_ratio(self, model: nn.Module, hold: torch.Tensor, clean: torch.Tensor) -> float:
         """Over all held-out images (each rank counts its part)."""
@@ -244,7 +237,8 @@ class GAP:
             success = self._predict(model, adversarial) != self._predict(model, images)
         return AttackResult(adversarial, success.to(images.device))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The fitted state as tensors (U, z, the generator's weights) and metadata; the pipeline saves it."""
         if self.perturbation is None or self.generator is None or self.noise is None:
             raise AttackError("gap: nothing to save; fit first")
         tensors = {
@@ -252,19 +246,16 @@ class GAP:
             "noise": self.noise,
             **{f"generator.{k}": v for k, v in self.generator.state_dict().items()},
         }
-        save_safetensors(path, tensors, {"eps": repr(self.eps), "ngf": str(self.ngf)})
+        return tensors, {"eps": repr(self.eps), "ngf": str(self.ngf)}
 
-    def load(self, path: str | os.PathLike[str]) -> GAP:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> GAP:
         try:
-            with safe_open(str(Path(path)), "pt") as fh:
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-                meta = fh.metadata() or {}
-        except (SafetensorError, OSError) as exc:
-            raise AttackError(f"{path}: not a saved GAP perturbation ({exc}); fit GAP again") from exc
-        self.ngf = int(meta.get("ngf", self.ngf))
-        self.eps = float(meta.get("eps", self.eps))
-        self.perturbation, self.noise = tensors["perturbation"], tensors["noise"]
-        self.generator = ResnetGenerator(self.ngf)
-        prefix = "generator."
-        self.generator.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.ngf = int(metadata.get("ngf", self.ngf))
+            self.eps = float(metadata.get("eps", self.eps))
+            self.perturbation, self.noise = tensors["perturbation"], tensors["noise"]
+            self.generator = ResnetGenerator(self.ngf)
+            prefix = "generator."
+            self.generator.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise AttackError(f"gap: not a fitted GAP state ({exc}); fit GAP again") from exc
         return self

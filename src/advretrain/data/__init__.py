@@ -31,6 +31,11 @@ _LOCAL_NAMES = {
 }
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0,255] or float [0,1] → float32 [0,1]: the one place pixels become floats."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
 @dataclass(frozen=True)
 class ImageDataset:
     """A dataset held whole in memory. `images` is uint8 N×C×H×W (float32 in [0,1] for sets that mix in

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import AdvretrainError
-from ..io import save_safetensors
+from ..runtime.io import save_safetensors
 
 log = logging.getLogger(__name__)
 

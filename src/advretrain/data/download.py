@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError
-from ..io import atomic_path
+from ..runtime.io import atomic_path
 
 
 @dataclass(frozen=True)

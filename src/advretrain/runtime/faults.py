@@ -2,8 +2,8 @@
 first) time it reaches `point`, exactly as a crash or an out-of-memory kill would, with no cleanup.
 
 Points: `after-baseline`, `after-labeler`, `after-attack`, `after-retrain`, `after-eval` (a stage just finished),
-`train-epoch`, `gap-epoch`, `attack-shard`, `labeler-fit` (inside a long stage) and `atomic-write` (a file written
-but not yet renamed into place). Unset, a point costs one dictionary lookup.
+`train-epoch`, `fit-epoch` (an epoch of a fitted attack such as GAP), `attack-shard`, `labeler-fit` (inside a long
+stage) and `atomic-write` (a file written but not yet renamed into place). Unset, a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

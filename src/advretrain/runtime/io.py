@@ -8,13 +8,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdvretrainError
+from ..errors import AdvretrainError
 from .faults import kill_point
 
 
@@ -71,3 +72,24 @@ def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
 def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _write_with(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike[str], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata; an unreadable file names `what` it should have been."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            return tensors, dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise AdvretrainError(f"{path}: not a readable {what} ({exc}); write it again") from exc
+
+
+class HasState(Protocol):
+    """A fitted object (GAP, the labeler) whose state is tensors plus string metadata."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]: ...
+
+
+def save_state(path: str | os.PathLike[str], obj: HasState) -> None:
+    tensors, metadata = obj.state_dict()
+    save_safetensors(path, tensors, metadata)

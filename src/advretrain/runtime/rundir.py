@@ -16,7 +16,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import AdvretrainError
+from ..errors import AdvretrainError
 from .io import write_yaml
 
 
@@ -42,6 +42,15 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fh.close()
 
 
+def same_config(recorded: Any, current: BaseModel) -> bool | None:
+    """Whether a recorded config (as read from a file) is `current`, read through the current schema: a key added
+    since, at its default, does not count, a changed value or default does. None: this version cannot read it."""
+    try:
+        return type(current).model_validate(recorded) == current
+    except ValidationError:
+        return None
+
+
 def record_config(run_dir: Path, config: BaseModel) -> None:
     """Save the resolved config; a run directory made with another config is refused, not overwritten.
 
@@ -51,10 +60,12 @@ def record_config(run_dir: Path, config: BaseModel) -> None:
     path = run_dir / "config.yaml"
     if path.exists():
         try:
-            recorded = type(config).model_validate(yaml.safe_load(path.read_text()))
-        except (ValidationError, yaml.YAMLError) as exc:
+            same = same_config(yaml.safe_load(path.read_text()), config)
+        except yaml.YAMLError as exc:
             raise AdvretrainError(f"{path} is not a config this version reads; use a fresh --out") from exc
-        if recorded != config:
+        if same is None:
+            raise AdvretrainError(f"{path} is not a config this version reads; use a fresh --out")
+        if not same:
             raise AdvretrainError(
                 f"{run_dir} holds a run of a different config; use a fresh --out (or the same config)"
             )

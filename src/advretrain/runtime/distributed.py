@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -80,3 +81,13 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def global_batch_mean(loss: Callable[..., torch.Tensor], global_count: int) -> torch.Tensor:
+    """A loss whose gradient, once DDP has averaged it over the ranks, is that of the global batch's mean.
+
+    `loss(reduction=...)` is this rank's loss over its part of the batch, reduced by "mean" or "sum". On one
+    process it is the plain mean; under torchrun, sum · world / global count (DDP divides by the world size).
+    """
+    world = world_size()
+    return loss(reduction="mean") if world == 1 else loss(reduction="sum") * (world / global_count)

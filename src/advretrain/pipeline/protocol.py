@@ -1,0 +1,172 @@
+"""The protocols, as composition of stages only: the paper's (METHOD.md 1.2) and the arms race (METHOD.md 5).
+
+baseline f0 → per attack: adversarial pool (training images) + static adversarial test set, crafted against f0 →
+labels (oracle or k-NN) → per N: retrain on clean + N adversarial images → evaluate f1 (clean accuracy, accuracy on
+the static set, fooling ratio when attacked again — adaptive and replay —, 8-bit rounding, PGD accuracy).
+
+A new experiment kind is one function here, one results dataclass (results.py) and one table builder (report.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..attacks import get_attack
+from ..config import ExperimentConfig
+from ..data import ImageDataset
+from ..errors import ConfigError
+from ..fooling import noise_images
+from ..labeler import KNNLabeler, label_report
+from ..metrics import evaluate
+from ..results import ArmsRound, AttackResults, Results, RetrainRow
+from ..runtime.device import resolve_device
+from ..runtime.distributed import init as init_distributed
+from ..runtime.distributed import is_main
+from ..runtime.io import write_json
+from .stages import (
+    AttackArtifacts,
+    Run,
+    Trained,
+    attack_stage,
+    baseline,
+    evaluate_stage,
+    figure_data,
+    initial_metrics,
+    labeler_stage,
+    retrain_sizes,
+    retrain_stage,
+)
+
+log = logging.getLogger("advretrain.pipeline")
+
+
+def check_sizes(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
+    """Fail before any work: no N larger than the training set, and no more PCA dimensions than it allows."""
+    train_size = len(train_set)
+    for name in cfg.attacks:
+        sizes = retrain_sizes(cfg, name, train_size)
+        if max(sizes) > train_size or min(sizes) < 1:
+            raise ConfigError(
+                f"retrain.sizes.{name}={sizes}: N must lie in 1..{train_size} (the training set "
+                "size, which bounds the adversarial pool); lower it"
+            )
+    pixels = int(train_set.images[0].numel())
+    allowed = KNNLabeler(1, fooling_percentile=cfg.labeler.fooling_percentile).max_pca_dims(train_size, pixels)
+    if cfg.labeler.pca_dims > allowed:
+        raise ConfigError(
+            f"labeler.pca_dims={cfg.labeler.pca_dims} exceeds what {train_size} training images of {pixels} values "
+            f"allow ({allowed}); lower it"
+        )
+
+
+def labels_for_retraining(run: Run, labeler: KNNLabeler, art: AttackArtifacts) -> torch.Tensor:
+    if run.cfg.retrain.labels == "oracle":
+        return art.pool.labels
+    return labeler.predict(art.pool.adversarial)
+
+
+def label_stage(
+    run: Run, labeler: KNNLabeler, art: AttackArtifacts, test_eval: ImageDataset, fooling: torch.Tensor
+) -> dict[str, float]:
+    """Table 7's row: how well the labeler recovers the sources of this attack's adversarials."""
+    started = time.perf_counter()
+    report = label_report(
+        labeler,
+        (art.pool.adversarial, art.pool.labels, art.pool.indices),
+        (art.static.adversarial, art.static.labels),
+        (test_eval.images, test_eval.labels),
+        fooling,
+    )
+    run.timed(f"labels-{art.name}", started)
+    return report
+
+
+def attack_experiment(
+    run: Run,
+    name: str,
+    f0: Trained,
+    labeler: KNNLabeler,
+    fooling: torch.Tensor,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> AttackResults:
+    """One attack's table: craft against f0, label, retrain at every N, evaluate; then the optional arms race."""
+    art = attack_stage(run, name, f0, train_set, test_eval)
+    labels = labels_for_retraining(run, labeler, art)
+    report = label_stage(run, labeler, art, test_eval, fooling)
+    figure_data(run, art, f0.model, test_eval)
+    sizes = sorted(retrain_sizes(run.cfg, name, len(train_set)), reverse=True)
+    rows: list[RetrainRow] = []
+    largest = f0
+    for n in sizes:
+        f1 = retrain_stage(run, [(art, labels)], n, f0, train_set)
+        rows.append(evaluate_stage(run, art, n, f1, train_set, test_eval))
+        largest = f1 if n == sizes[0] else largest
+    spec = art.spec
+    out = AttackResults(
+        spec.title, spec.threat, art.params, initial_metrics(run, f0.model, art, test_eval), report, rows
+    )
+    if run.cfg.retrain.rounds > 1:
+        out.rounds = arms_race(run, [(art, labels)], sizes[0], largest, labeler, train_set, test_eval)
+    return out
+
+
+def arms_race(
+    run: Run,
+    parts: list[tuple[AttackArtifacts, torch.Tensor]],
+    n: int,
+    defender: Trained,
+    labeler: KNNLabeler,
+    train_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> list[ArmsRound]:
+    """Rounds 2..R: attack the last retrained model, retrain on clean + every round's N adversarials, evaluate."""
+    name = parts[0][0].name
+    rounds = []
+    for r in range(2, run.cfg.retrain.rounds + 1):
+        tag = f"-round{r}"
+        art = attack_stage(run, name, defender, train_set, test_eval, f"the round-{r - 1} model")
+        initial = initial_metrics(run, defender.model, art, test_eval)
+        parts = [*parts, (art, labels_for_retraining(run, labeler, art))]
+        defender = retrain_stage(run, parts, n, defender, train_set, tag)
+        rounds.append(ArmsRound(r, initial, evaluate_stage(run, art, n, defender, train_set, test_eval, tag)))
+    return rounds
+
+
+def evaluation_subset(cfg: ExperimentConfig, test_set: ImageDataset) -> ImageDataset:
+    """A seeded random subset in split order: the split is class-major, so its first images would be one class."""
+    n_eval = min(cfg.test_images or len(test_set), len(test_set))
+    pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.train.seed + 2))[:n_eval]
+    return test_set.subset(pick.sort().values)
+
+
+def run_experiment(
+    cfg: ExperimentConfig, root: Path, train_set: ImageDataset, test_set: ImageDataset, progress: bool = True
+) -> Results:
+    """Run (or resume) the paper's protocol on every configured attack; returns what `results.json` holds."""
+    run = Run(root, cfg, init_distributed(resolve_device(cfg.device)), progress and is_main())
+    check_sizes(cfg, train_set)
+    for name in cfg.attacks:
+        get_attack(name)  # an import-path attack that fails to import fails here, before any work
+    test_eval = evaluation_subset(cfg, test_set)
+    f0 = baseline(run, train_set, test_set)
+    labeler = labeler_stage(run, train_set)
+    fooling = noise_images(500, tuple(train_set.images.shape[1:]))  # type: ignore[arg-type]
+    attacks = {name: attack_experiment(run, name, f0, labeler, fooling, train_set, test_eval) for name in cfg.attacks}
+    if is_main():
+        write_json(root / "timings.json", run.timings)
+    return Results(
+        cfg.data.dataset,
+        train_set.num_classes,
+        cfg.model.name,
+        len(train_set),
+        len(test_eval),
+        evaluate(f0.model, test_set.images, test_set.labels, cfg.train.eval_batch_size),
+        cfg.retrain.mode,
+        cfg.retrain.labels,
+        attacks,
+    )

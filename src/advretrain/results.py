@@ -1,0 +1,151 @@
+"""What `results.json` holds, as dataclasses: the pipeline returns them, the report reads them.
+
+Each class converts to and from the plain dict written to disk; `SCHEMA_VERSION` changes whenever the layout does.
+Metrics (fooling ratio, accuracies, norms, label accuracies) stay flat `name → float` maps: `metrics.attack_metrics`
+and `labeler.label_report` define their keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import AdvretrainError
+
+SCHEMA_VERSION = 1
+Metrics = dict[str, float]
+
+
+@dataclass
+class RetrainRow:
+    """One retrained model f1 (N adversarial images added), evaluated."""
+
+    n: int
+    clean_accuracy: float
+    adversarial_accuracy: float  # on the static adversarial test set crafted against f0
+    replay: Metrics  # f0's adversarials (a universal perturbation) replayed against f1
+    adaptive: Metrics  # the attack rerun against f1
+    pgd_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.pgd_accuracy is None:
+            del out["pgd_accuracy"]
+        return out
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RetrainRow:
+        return RetrainRow(
+            int(d["n"]),
+            d["clean_accuracy"],
+            d["adversarial_accuracy"],
+            dict(d["replay"]),
+            dict(d["adaptive"]),
+            d.get("pgd_accuracy"),
+        )
+
+
+@dataclass
+class ArmsRound:
+    """Round r ≥ 2 of the arms race: the attack against round r-1's model, then retraining on every round's set."""
+
+    round: int
+    initial: Metrics
+    retrain: RetrainRow
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "initial": self.initial, "retrain": self.retrain.to_dict()}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ArmsRound:
+        return ArmsRound(int(d["round"]), dict(d["initial"]), RetrainRow.from_dict(d["retrain"]))
+
+
+@dataclass
+class AttackResults:
+    """One attack's table: against f0, the labels of its adversarials, and every retrained model."""
+
+    title: str
+    threat: str
+    params: dict[str, Any]
+    initial: Metrics
+    labels: Metrics
+    retrain: list[RetrainRow]
+    rounds: list[ArmsRound] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "threat": self.threat,
+            "params": self.params,
+            "initial": self.initial,
+            "labels": self.labels,
+            "retrain": [row.to_dict() for row in self.retrain],
+            "rounds": [r.to_dict() for r in self.rounds],
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> AttackResults:
+        return AttackResults(
+            str(d["title"]),
+            str(d["threat"]),
+            dict(d["params"]),
+            dict(d["initial"]),
+            dict(d["labels"]),
+            [RetrainRow.from_dict(row) for row in d["retrain"]],
+            [ArmsRound.from_dict(r) for r in d.get("rounds", [])],
+        )
+
+
+@dataclass
+class Results:
+    """A whole run of the protocol: the baseline and one `AttackResults` per attack, in the config's order."""
+
+    dataset: str
+    classes: int
+    model: str
+    train_images: int
+    test_images: int
+    baseline_accuracy: float
+    retrain_mode: str
+    retrain_labels: str
+    attacks: dict[str, AttackResults]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "classes": self.classes,
+            "model": self.model,
+            "train_images": self.train_images,
+            "test_images": self.test_images,
+            "baseline": {"test_accuracy": self.baseline_accuracy},
+            "retrain_mode": self.retrain_mode,
+            "retrain_labels": self.retrain_labels,
+            "attacks": {name: attack.to_dict() for name, attack in self.attacks.items()},
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Results:
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version != SCHEMA_VERSION:
+            raise AdvretrainError(
+                f"results.json has schema version {version!r}, this advretrain reads {SCHEMA_VERSION}; "
+                "rerun `advretrain run --out` on it with this version"
+            )
+        try:
+            return Results(
+                str(d["dataset"]),
+                int(d["classes"]),
+                str(d["model"]),
+                int(d["train_images"]),
+                int(d["test_images"]),
+                float(d["baseline"]["test_accuracy"]),
+                str(d["retrain_mode"]),
+                str(d["retrain_labels"]),
+                {name: AttackResults.from_dict(a) for name, a in d["attacks"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AdvretrainError(
+                f"results.json is damaged ({type(exc).__name__}: {exc}); rerun `advretrain run --out` on it"
+            ) from exc
