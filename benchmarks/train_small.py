@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from advretrain import TrainJob, build_config, evaluate, load_dataset, train
+from advretrain import TrainJob, build_config, evaluate, load_dataset, train, train_resumable
 from advretrain.runtime.device import resolve_device
 from advretrain.train import make_optimizer
 
@@ -96,7 +96,9 @@ def main() -> None:
     started = time.perf_counter()
     model = job.model.build(train_set.num_classes)
     out = Path(args.out) if args.out else None
-    result = train(model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False)
+    result = train_resumable(
+        model, train_set, job.train, resolve_device(job.device), out, test=test_set, progress=False
+    )
     seconds = time.perf_counter() - started
     for h in result.history:
         print(

@@ -10,12 +10,12 @@ import torch
 
 from advretrain.advset import craft_adversarial_set
 from advretrain.attacks import GAP, DeepFool
+from advretrain.checkpoint import train_resumable
 from advretrain.config import TrainConfig
 from advretrain.data import ImageDataset
 from advretrain.models import build_model
 from advretrain.runtime.distributed import init, rank, shutdown
 from advretrain.runtime.io import save_state
-from advretrain.train import train
 
 ONE_STEP = TrainConfig(epochs=1, batch_size=16, lr=0.1, crop_padding=0, flip=False, channels_last=False)
 
@@ -29,7 +29,7 @@ def data() -> ImageDataset:
 def main(out: Path) -> None:
     device = init(torch.device("cpu"))
     torch.manual_seed(0)
-    train(build_model("small", 4, 16), data(), ONE_STEP, device, out / "step", progress=False)
+    train_resumable(build_model("small", 4, 16), data(), ONE_STEP, device, out / "step", progress=False)
     torch.manual_seed(1)
     victim = build_model("small", 4, 16).eval()
     images = torch.rand(37, 3, 16, 16, generator=torch.Generator().manual_seed(2))

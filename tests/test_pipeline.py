@@ -87,3 +87,29 @@ def test_arms_race_attacks_each_rounds_model_and_accumulates_adversarials(tmp_pa
     assert "attack fgsm: against the round-2 model" in log
     assert "retrain fgsm-round3 N=20: scratch on 200 clean + 60 adversarial images" in log
     assert "Arms race (not in the paper)" in (run_dir / "tables.md").read_text()
+
+
+def test_report_reads_a_record_written_before_the_schema_had_a_version(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    record = json.loads((old / "results.json").read_text())
+    del record["schema_version"]
+    for attack in record["attacks"].values():  # what 2be4d84 wrote: no title, threat or rounds list
+        del attack["title"], attack["threat"], attack["rounds"]
+    (old / "results.json").write_text(json.dumps(record))
+    (old / "tables.md").unlink()
+    finish(advretrain("report", str(old)))
+    assert (old / "tables.md").read_bytes() == (finished_run / "tables.md").read_bytes()
+
+
+def test_a_damaged_record_is_one_line(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run, damaged)
+    (damaged / "results.json").write_text('{"schema_version": 1, "attacks": {}}')
+    proc = advretrain("report", str(damaged))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "results.json is damaged (KeyError: 'dataset')" in err

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from advretrain import CheckpointError, ConfigError, ImageDataset, TrainConfig, build_model, load_model, train
+from advretrain.checkpoint import train_resumable
 from advretrain.config import TrainJob, build_config
 from advretrain.metrics import evaluate
 from advretrain.train import TrainResult, augment, lr_factor, make_optimizer, mirrors, resize
 
 CPU = torch.device("cpu")
-train_module = importlib.import_module("advretrain.train")  # the module, not the function `train`
+checkpoint_module = importlib.import_module("advretrain.checkpoint")  # where the per-epoch checkpoint is saved
 
 
 def blobs(n: int = 96, classes: int = 3, seed: int = 0) -> ImageDataset:
@@ -36,7 +37,7 @@ def test_training_learns_a_separable_task(tmp_path: Path, optimizer: str) -> Non
     torch.manual_seed(0)
     data = blobs()
     cfg = CFG.model_copy(update={"optimizer": optimizer})
-    result = train(build_model("small", 3), data, cfg, CPU, tmp_path, test=blobs(seed=1), progress=False)
+    result = train_resumable(build_model("small", 3), data, cfg, CPU, tmp_path, test=blobs(seed=1), progress=False)
     assert result.test_accuracy is not None and result.test_accuracy > 0.9
     assert len(result.history) == 3 and result.history[-1]["loss"] < result.history[0]["loss"]
     reloaded = load_model(tmp_path / "model.safetensors")
@@ -51,9 +52,9 @@ def test_interrupted_run_resumes_to_identical_weights(
     data = blobs()
     cfg = CFG.model_copy(update={"optimizer": optimizer, "progressive_sizes": sizes})
     torch.manual_seed(0)
-    reference = train(build_model("small", 3), data, cfg, CPU, tmp_path / "a", progress=False).model
+    reference = train_resumable(build_model("small", 3), data, cfg, CPU, tmp_path / "a", progress=False).model
 
-    real_save = train_module.save_torch
+    real_save = checkpoint_module.save_torch
     saves = []
 
     def crash_after_two(path: Path, obj: object) -> None:
@@ -62,13 +63,13 @@ def test_interrupted_run_resumes_to_identical_weights(
         if len(saves) == 2:
             raise KeyboardInterrupt  # the process dies right after epoch 2's checkpoint
 
-    monkeypatch.setattr(train_module, "save_torch", crash_after_two)
+    monkeypatch.setattr(checkpoint_module, "save_torch", crash_after_two)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        train(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "save_torch", real_save)
+        train_resumable(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
+    monkeypatch.setattr(checkpoint_module, "save_torch", real_save)
     torch.manual_seed(123)  # a different init must not matter: the checkpoint's weights are loaded
-    resumed = train(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
+    resumed = train_resumable(build_model("small", 3), data, cfg, CPU, tmp_path / "b", progress=False)
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
     for (name, a), b in zip(reference.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -76,9 +77,11 @@ def test_interrupted_run_resumes_to_identical_weights(
 
 def test_checkpoint_of_another_job_is_refused(tmp_path: Path) -> None:
     data = blobs()
-    train(build_model("small", 3), data, CFG.model_copy(update={"epochs": 1}), CPU, tmp_path, progress=False)
+    train_resumable(build_model("small", 3), data, CFG.model_copy(update={"epochs": 1}), CPU, tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different training job"):
-        train(build_model("small", 3), data, CFG.model_copy(update={"lr": 0.1}), CPU, tmp_path, progress=False)
+        train_resumable(
+            build_model("small", 3), data, CFG.model_copy(update={"lr": 0.1}), CPU, tmp_path, progress=False
+        )
 
 
 def test_checkpoint_config_is_read_through_the_current_schema(tmp_path: Path) -> None:
@@ -86,7 +89,7 @@ def test_checkpoint_config_is_read_through_the_current_schema(tmp_path: Path) ->
     data, cfg = blobs(), CFG.model_copy(update={"epochs": 2})
 
     def run() -> TrainResult:
-        return train(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
+        return train_resumable(build_model("small", 3), data, cfg, CPU, tmp_path, progress=False)
 
     run()
     path = tmp_path / "train_state.pt"

@@ -4,7 +4,8 @@ Public API (stable names):
     load_dataset(spec, split, root=None) → ImageDataset (.images uint8 N×C×H×W, .labels int64 N, .classes)
     build_model(name, num_classes, image_size=32, flip_average=False) → nn.Module mapping [0,1] N×C×H×W to logits
     load_model(checkpoint_path) → the trained model, in eval mode
-    train(model, data, cfg, device, out_dir=None, test=None) → TrainResult
+    train(model, data, cfg, device, test=None) → TrainResult: the loop, tensors in, weights and metrics out
+    train_resumable(model, data, cfg, device, out_dir, test=None) → TrainResult: checkpointed, resumable, saved
     evaluate(model, images, labels) → top-1 accuracy
     run(config, out, overrides=()) → Results: the protocol, run or resumed in `out` (config: a path, a shipped
         config's name, a dict or an ExperimentConfig)
@@ -14,7 +15,7 @@ Public API (stable names):
 __version__ = "0.1.0"
 
 from .attacks import ATTACKS, register_attack
-from .checkpoint import load_model, save_model
+from .checkpoint import load_model, save_model, train_resumable
 from .config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, TrainJob, build_config
 from .data import ImageDataset, load_dataset
 from .errors import AdvretrainError, CheckpointError, ConfigError, DataError
@@ -50,4 +51,5 @@ __all__ = [
     "run",
     "save_model",
     "train",
+    "train_resumable",
 ]

@@ -13,7 +13,7 @@ import torch
 from . import __version__
 from .advset import craft_adversarial_set, load_adversarial_set
 from .attacks import ATTACKS, get_attack
-from .checkpoint import load_model
+from .checkpoint import load_model, train_resumable
 from .config import TrainJob, build_config, parse_overrides, to_yaml_dict
 from .data import NAMED, data_root, load_dataset, resolve, to_float
 from .data.download import REMOTES, download, md5sum
@@ -28,7 +28,6 @@ from .runtime.device import resolve_device
 from .runtime.distributed import init as init_distributed
 from .runtime.distributed import is_main, shutdown
 from .runtime.io import read_safetensors, save_safetensors, save_state, write_json, write_yaml
-from .train import train
 
 log = logging.getLogger("advretrain")
 
@@ -83,7 +82,7 @@ def train_cmd(
         dev,
         out_dir,
     )
-    result = train(model, train_set, job.train, dev, out_dir, test_set, not ctx.obj["quiet"], job.compile)
+    result = train_resumable(model, train_set, job.train, dev, out_dir, test_set, not ctx.obj["quiet"], job.compile)
     main_rank = is_main()  # asked before the process group is gone
     shutdown()
     if main_rank:

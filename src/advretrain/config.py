@@ -315,4 +315,3 @@ def build_config(
 
 def to_yaml_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
-

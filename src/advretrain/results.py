@@ -127,7 +127,9 @@ class Results:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Results:
-        version = d.get("schema_version") if isinstance(d, dict) else None
+        version = d.get("schema_version", 0) if isinstance(d, dict) else None
+        if version == 0:  # written before the schema had a version (advretrain ≤ 2be4d84)
+            d, version = upgrade_from_v0(d), SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise AdvretrainError(
                 f"results.json has schema version {version!r}, this advretrain reads {SCHEMA_VERSION}; "
@@ -149,3 +151,15 @@ class Results:
             raise AdvretrainError(
                 f"results.json is damaged ({type(exc).__name__}: {exc}); rerun `advretrain run --out` on it"
             ) from exc
+
+
+def upgrade_from_v0(d: dict[str, Any]) -> dict[str, Any]:
+    """A record without a schema version: its attacks' titles and threat models come from the registry."""
+    from .attacks import ATTACKS
+
+    attacks = {}
+    for name, attack in dict(d.get("attacks", {})).items():
+        spec = ATTACKS.get(name)
+        defaults = {"title": spec.title if spec else name, "threat": spec.threat if spec else "white-box"}
+        attacks[name] = {**defaults, **attack}
+    return {**d, "attacks": attacks}

@@ -1,4 +1,4 @@
-"""Training and evaluation on whole-dataset tensors held on the device, resumable from a per-epoch checkpoint.
+"""The training loop on whole-dataset tensors held on the device: tensors in, weights and metrics out.
 
 Each epoch draws its order and augmentation from a generator seeded by (seed, epoch), so an interrupted run that
 resumes from the checkpoint of epoch k ends with exactly the weights of an uninterrupted run (on the CPU).
@@ -10,39 +10,28 @@ global batch's mean. BatchNorm statistics stay per rank (DDP's default; SyncBatc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import save_model
 from .config import TrainConfig
 from .data import ImageDataset, to_float
-from .errors import AdvretrainError, CheckpointError
+from .errors import AdvretrainError
 from .metrics import autocast, evaluate
 from .models import Classifier, require_image_size
 from .optim import MuonSGD
-from .runtime.distributed import all_sum, barrier, block, broadcast_state, global_batch_mean, is_main, world_size
-from .runtime.faults import kill_point
-from .runtime.io import save_torch, write_json
-from .runtime.rundir import same_config
+from .runtime.distributed import all_sum, block, broadcast_state, data_parallel, global_batch_mean, is_main, world_size
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "train_state.pt"
-MODEL_FILE = "model.safetensors"
 
 
 def augment(images: torch.Tensor, padding: int, mirror: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
@@ -122,19 +111,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return MuonSGD([*groups, muon], lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
 
 
-def fingerprint(model: Classifier, data: ImageDataset) -> str:
-    """What a training job trains: the model's architecture and the exact training data (its config is kept apart).
-
-    Mirror averaging acts at inference only (training mode never averages), so it is not part of the job.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    architecture = {k: v for k, v in model.spec.to_dict().items() if k != "flip_average"}
-    digest.update(json.dumps(architecture, sort_keys=True).encode())
-    digest.update(data.images.contiguous().numpy().tobytes())
-    digest.update(data.labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 @dataclass
 class TrainResult:
     model: Classifier
@@ -143,24 +119,8 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
-def _load_state(path: Path, cfg: TrainConfig, expected: str) -> dict[str, Any] | None:
-    """The checkpoint of this job, if any: a checkpoint from another job must never be resumed into this one.
-
-    Its config is read through the current schema, as `rundir.record_config` reads a run's: a key added since, at
-    its default, does not make it another job; a changed value (a changed default included) does.
-    """
-    if not path.exists():
-        return None
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an untrusted or torn file: weights_only refuses code, anything else is corrupt
-        raise CheckpointError(f"{path}: unreadable training checkpoint ({exc}); delete it to restart") from exc
-    # a checkpoint without a config (older versions) or with one this version cannot read is another job's too
-    if state.get("fingerprint") != expected or not same_config(state.get("config"), cfg):
-        raise CheckpointError(
-            f"{path} belongs to a different training job (config, model or data changed); use a fresh --out"
-        )
-    return state
+# What resumes a training after an epoch: {"epoch", "model", "optimizer", "scheduler", "history"} (state dicts).
+TrainState = dict[str, Any]
 
 
 def train(
@@ -168,23 +128,23 @@ def train(
     data: ImageDataset,
     cfg: TrainConfig,
     device: torch.device,
-    out_dir: Path | None = None,
     test: ImageDataset | None = None,
     progress: bool = True,
     compile: bool = False,
     init: bool = True,
+    start: TrainState | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
-    """Train `model` on `data`; with `out_dir`, checkpoint each epoch and resume from the last one.
+    """Train `model` on `data` (tensors in, weights and per-epoch metrics out); no file is read or written.
 
-    `compile` runs the training forward through torch.compile (weights and checkpoints are the model's own).
-    `init` gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn
-    it off to fine-tune trained weights.
+    `start` resumes from the state `on_epoch` was given after an epoch (`checkpoint.train_resumable` keeps it on
+    disk). `compile` runs the training forward through torch.compile (the weights stay the model's own). `init`
+    gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn it off
+    to fine-tune trained weights.
     """
     for size in cfg.progressive_sizes:
         require_image_size(model.spec.name, size, "raise train.progressive_sizes")
-    key = fingerprint(model, data)
-    state = _load_state(out_dir / STATE_FILE, cfg, key) if out_dir else None
-    if state is None and init:
+    if start is None and init:
         model.init_from_data(data.images)
     model.to(device)
     if cfg.channels_last:
@@ -192,29 +152,34 @@ def train(
     optimizer, scheduler = _optimizer_and_schedule(model, cfg, len(data))
     history: list[dict[str, float]] = []
     start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch = state["history"], int(state["epoch"])
+    if start is not None:
+        model.load_state_dict(start["model"])
+        optimizer.load_state_dict(start["optimizer"])
+        scheduler.load_state_dict(start["scheduler"])
+        history, start_epoch = start["history"], int(start["epoch"])
         log.info("resuming training from the checkpoint of epoch %d/%d", start_epoch, cfg.epochs)
     images, labels = data.images.to(device), data.labels.to(device)
     net = _parallel(model, device, compile)
     for epoch in range(start_epoch, cfg.epochs):
         history.append(_train_epoch(net, images, labels, cfg, epoch, optimizer, scheduler, progress and is_main()))
-        if out_dir is not None and is_main():
-            checkpoint = {
-                "fingerprint": key,
-                "config": cfg.model_dump(mode="json"),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-            }
-            save_torch(out_dir / STATE_FILE, checkpoint)
-            kill_point("train-epoch")
-    return _finish(TrainResult(model, history, resumed_from_epoch=start_epoch), cfg, out_dir, test)
+        if on_epoch is not None:
+            on_epoch(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                }
+            )
+    broadcast_state(model)  # every rank with rank 0's weights
+    # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
+    # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
+    model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
+    result = TrainResult(model, history, resumed_from_epoch=start_epoch)
+    if test is not None:
+        result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
+    return result
 
 
 def _optimizer_and_schedule(
@@ -228,28 +193,10 @@ def _optimizer_and_schedule(
 
 def _parallel(model: nn.Module, device: torch.device, compile: bool) -> nn.Module:
     """The module the steps run: DDP under torchrun (rank 0's weights broadcast first), compiled if asked."""
-    net: nn.Module = model
-    if world_size() > 1:  # gradients averaged over ranks in the backward pass
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = data_parallel(model, device)
     if compile:
         net = torch.compile(net)  # type: ignore[assignment]
     return net
-
-
-def _finish(result: TrainResult, cfg: TrainConfig, out_dir: Path | None, test: ImageDataset | None) -> TrainResult:
-    """Every rank with rank 0's weights, in eval mode and the default layout; rank 0 writes model and metrics."""
-    model = result.model
-    broadcast_state(model)
-    # Back to the default layout: a reloaded checkpoint has it, and conv results differ in the last bits between
-    # layouts, so the model in memory and the one on disk must compute the same attacks and metrics.
-    model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
-    if test is not None:
-        result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
-    if out_dir is not None and is_main():
-        save_model(out_dir / MODEL_FILE, model)
-        write_json(out_dir / "metrics.json", {"history": result.history, "test_accuracy": result.test_accuracy})
-    barrier()  # no rank reads the model before rank 0 has written it
-    return result
 
 
 def _batch_starts(n: int, cfg: TrainConfig) -> range:

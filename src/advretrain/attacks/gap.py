@@ -15,12 +15,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import to_float
 from ..metrics import predict
-from ..runtime.distributed import all_sum, block, broadcast_state, global_batch_mean, world_size
+from ..runtime.distributed import all_sum, block, broadcast_state, data_parallel, global_batch_mean, world_size
 from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
 
 log = logging.getLogger(__name__)
@@ -144,11 +143,9 @@ class GAP:
         self.generator = ResnetGenerator(self.ngf).to(device)
         optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
         # Under torchrun: DDP over the generator, each rank its part of every batch and of the held-out images.
-        net: nn.Module = self.generator
-        if world_size() > 1:
-            net = DistributedDataParallel(self.generator, device_ids=[device.index] if device.type == "cuda" else None)
-            mine = block(hold.shape[0])
-            hold = hold[mine.start : mine.stop]
+        net = data_parallel(self.generator, device)
+        mine = block(hold.shape[0])  # all of them on one process
+        hold = hold[mine.start : mine.stop]
         best_fr, best_state = -1.0, None
         with frozen(model):
             clean_hold = self._predict(model, hold)

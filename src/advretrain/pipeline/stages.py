@@ -21,7 +21,7 @@ import torch
 
 from ..advset import AdversarialSet, craft_adversarial_set, is_complete, load_adversarial_set
 from ..attacks import ROBUSTNESS_ATTACK, AttackSpec, get_attack, slug
-from ..checkpoint import load_model
+from ..checkpoint import load_model, train_resumable
 from ..config import ExperimentConfig
 from ..data import ImageDataset, to_float
 from ..labeler import KNNLabeler
@@ -31,7 +31,6 @@ from ..results import RetrainRow
 from ..runtime.distributed import barrier, is_main
 from ..runtime.faults import kill_point
 from ..runtime.io import read_safetensors, save_safetensors, save_state, write_json
-from ..train import train
 
 log = logging.getLogger("advretrain.pipeline")
 T = TypeVar("T")
@@ -112,7 +111,7 @@ def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Train
         log.info("baseline: training %s on %d images → %s", cfg.model.name, len(train_set), folder)
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build(train_set.num_classes, train_set.image_size)
-        result = train(model, train_set, cfg.train, run.device, folder, test_set, run.progress, cfg.compile)
+        result = train_resumable(model, train_set, cfg.train, run.device, folder, test_set, run.progress, cfg.compile)
         accuracy["test"] = result.test_accuracy
         return result.model
 
@@ -282,7 +281,7 @@ def retrain_stage(
             model = grow_head(model, extra) if extra > 0 else model
             recipe = cfg.train.model_copy(update={"epochs": retrain.finetune_epochs})
         fresh = retrain.mode == "scratch"
-        return train(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile, init=fresh).model
+        return train_resumable(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile, fresh).model
 
     model = cached_stage(
         run, "retrain", label, folder, compute, lambda _: {"n": n}, lambda _: load_model(folder, run.device)

@@ -91,3 +91,13 @@ def global_batch_mean(loss: Callable[..., torch.Tensor], global_count: int) -> t
     """
     world = world_size()
     return loss(reduction="mean") if world == 1 else loss(reduction="sum") * (world / global_count)
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Under torchrun, `module` in DistributedDataParallel (rank 0's weights broadcast, gradients averaged in the
+    backward pass); on one process, the module itself."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
