@@ -189,6 +189,7 @@ FAST: dict[str, dict[str, float | int]] = {
     "deepfool": {"steps": 10},
     "cw": {"binary_search_steps": 2, "steps": 20},
     "gap": {"epochs": 1, "batch_size": 16, "holdout": 8, "ngf": 4},
+    "square": {"eps": 0.05, "max_queries": 50},
 }
 
 

@@ -1,7 +1,8 @@
 """Adversarial sets on disk: float32 images exactly as crafted, with where they came from and what made them.
 
 A set is a folder `NAME.advset/` of shards (`shard-00000.safetensors`, ...: adversarial N×C×H×W float32, source
-indices, source labels, targets (-1: untargeted), success) and `meta.json` (attack, parameters, attacked model's
+indices, source labels, targets (-1: untargeted), success, iterations (a query attack's queries, DeepFool's steps;
+-1: not reported)) and `meta.json` (attack, parameters, attacked model's
 fingerprint, shard list). Every file is written atomically and `meta.json` last, so a set without it is incomplete:
 a rerun keeps the finished shards and writes only the missing ones. Sets larger than memory are written and read
 shard by shard.
@@ -50,6 +51,7 @@ class AdversarialSet:
     labels: torch.Tensor  # N int64: the source image's label
     targets: torch.Tensor  # N int64: the attack's target class, -1 when untargeted
     success: torch.Tensor  # N bool
+    iterations: torch.Tensor  # N int64: queries or steps per image, -1 when the attack does not report them
     meta: dict[str, Any]
 
     def __len__(self) -> int:
@@ -68,6 +70,7 @@ def write_shard(
     labels: torch.Tensor,
     targets: torch.Tensor | None,
     success: torch.Tensor,
+    iterations: torch.Tensor | None = None,
 ) -> None:
     tensors = {
         "adversarial": adversarial.float(),
@@ -75,6 +78,7 @@ def write_shard(
         "labels": labels.long(),
         "targets": targets.long() if targets is not None else torch.full_like(indices, -1, dtype=torch.long),
         "success": success.to(torch.uint8),
+        "iterations": iterations.long() if iterations is not None else torch.full_like(indices, -1, dtype=torch.long),
     }
     save_safetensors(folder / shard_name(i), tensors, {})
 
@@ -117,6 +121,7 @@ def load_adversarial_set(folder: str | os.PathLike[str]) -> AdversarialSet:
         cat["labels"],
         cat["targets"],
         cat["success"].bool(),
+        torch.cat([s.get("iterations", torch.full_like(s["indices"], -1)) for s in shards]),  # older sets: -1
         read_meta(Path(folder)),
     )
 
@@ -166,6 +171,7 @@ def craft_adversarial_set(
             labels[span].cpu(),
             None if result.targets is None else result.targets.cpu(),
             result.success.cpu(),
+            None if result.iterations is None else result.iterations.cpu(),
         )
         kill_point("attack-shard")
     barrier()  # every rank's shards are written

@@ -91,10 +91,12 @@ def attack_metrics(
     labels: torch.Tensor,
     targets: torch.Tensor | None = None,
     batch_size: int = 1024,
+    queries: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Every metric for one adversarial set against one model, float and 8-bit rounded.
 
-    Norms are over the images whose prediction changed (a failed attack returns the clean image: norm 0).
+    Norms, and a query attack's `queries` (N, per image), are over the images whose prediction changed (a failed
+    attack returns the clean image: norm 0).
     """
     clean_pred = predict(model, clean, batch_size).argmax(1).cpu()
     labels = labels.cpu()
@@ -112,4 +114,6 @@ def attack_metrics(
         }
         if targets is not None:
             out[f"targeted_success{suffix}"] = targeted_success(adv_pred, targets.cpu())
+        if queries is not None:
+            out |= _norm_stats(queries.cpu()[fooled].double(), f"queries{suffix}")
     return out

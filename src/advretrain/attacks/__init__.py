@@ -1,4 +1,4 @@
-"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, as specs in one name → spec registry.
+"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD and Square, as specs in one registry.
 
 >>> from advretrain.attacks import ATTACKS, build_attack
 >>> ATTACKS["fgsm"].threat
@@ -29,6 +29,7 @@ from .registry import (
     register_attack,
     slug,
 )
+from .square import Square
 
 # The paper's N (METHOD.md 1.2, CIFAR-10): GAP and FGSM at four sizes; DeepFool and C&W: the whole training set.
 PAPER_SIZES = (50000, 25000, 12500, 9000)
@@ -37,6 +38,7 @@ register_attack("deepfool", DeepFool, title="DeepFool (L2)")
 register_attack("cw", CarliniWagnerL2, title="Carlini-Wagner L2, targeted at the least-likely class", targeted=True)
 register_attack("fgsm", FGSM, title="FGSM", retrain_sizes=PAPER_SIZES)
 register_attack("pgd", PGD, title="PGD (L-inf, 8/255)")
+register_attack("square", Square, title="Square (query-only black-box, L-inf 8/255)", threat="query")
 
 PAPER_ATTACKS: tuple[str, ...] = ("gap", "deepfool", "cw", "fgsm")  # the protocol's default: the paper's four
 ROBUSTNESS_ATTACK = "pgd"  # the standard check that a retrained model is robust rather than masking its gradients
@@ -58,6 +60,7 @@ __all__ = [
     "DeepFool",
     "Fitted",
     "ResnetGenerator",
+    "Square",
     "Threat",
     "build_attack",
     "check_inputs",

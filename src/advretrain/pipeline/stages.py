@@ -205,6 +205,11 @@ class AttackArtifacts:
     def targets(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
         return adversarial_set.targets if self.spec.targeted and bool((adversarial_set.targets >= 0).all()) else None
 
+    def queries(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
+        """A query attack's queries per image (what it cost the attacker), else None."""
+        counted = self.spec.threat == "query" and bool((adversarial_set.iterations >= 0).all())
+        return adversarial_set.iterations if counted else None
+
 
 def attack_stage(
     run: Run, name: str, victim: Trained, train_set: ImageDataset, test_eval: ImageDataset, target: str = "the baseline"
@@ -305,7 +310,10 @@ def evaluate_stage(
         meta = {"attack": art.name, "params": art.params, "split": "test", "against": f1.key}
         everything = torch.arange(len(labels))
         adaptive_set = craft(attack, f1.model, test_eval.images, labels, everything, folder / "adaptive.advset", meta)
-        adaptive = attack_metrics(f1.model, clean, adaptive_set.adversarial, labels, art.targets(adaptive_set), bs)
+        adv = adaptive_set.adversarial
+        adaptive = attack_metrics(
+            f1.model, clean, adv, labels, art.targets(adaptive_set), bs, art.queries(adaptive_set)
+        )
         return RetrainRow(
             n,
             evaluate(f1.model, clean, labels, bs),
