@@ -248,7 +248,7 @@ def test_out_of_range_or_misshapen_input_is_rejected() -> None:
 
 
 def test_registry_builds_every_attack_by_name() -> None:
-    assert set(ATTACKS) == {"fgsm", "deepfool", "cw", "gap", "pgd"}
+    assert set(ATTACKS) == {"fgsm", "deepfool", "cw", "gap", "pgd", "square"}
     assert build_attack("fgsm").eps == 0.07 and build_attack("pgd").steps == 10
     assert build_attack("cw").binary_search_steps == 9 and build_attack("deepfool").overshoot == 0.02
     assert build_attack("gap").eps == pytest.approx(10 / 255)
