@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
+import pytest
+import torch
 from tiny_run import TINY, advretrain, finish
 
 
@@ -113,3 +116,82 @@ def test_a_damaged_record_is_one_line(finished_run: Path, tmp_path: Path) -> Non
     proc = advretrain("report", str(damaged))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "results.json is damaged (KeyError: 'dataset')" in err
+
+
+def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> None:
+    results = json.loads((finished_run / "results.json").read_text())
+    threats = results["threats"]
+    keys = [p["key"] for p in threats["probes"]]
+    assert keys == ["square@8/255", "square@0.07", "transfer pgd@8/255", "transfer pgd@0.07", "transfer fgsm@0.07"]
+    pgd_at_07 = threats["probes"][3]["settings"]
+    assert pgd_at_07["eps"] == 0.07 and abs(pgd_at_07["step_size"] - 0.07 / 4) < 1e-12  # the step keeps its ratio
+    assert threats["surrogate"]["seed"] == 1 and 0 <= threats["surrogate"]["test_accuracy"] <= 1
+    assert set(threats["retrained"]) == {"gap", "deepfool", "cw", "fgsm"}
+    assert set(threats["retrained"]["gap"]) == {"20", "10"}
+    for measured in [threats["f0"], *(m for rows in threats["retrained"].values() for m in rows.values())]:
+        assert set(measured) == set(keys)
+        assert measured["square@8/255"]["linf_median"] <= 8 / 255 + 1e-6  # NaN (nothing fooled) fails too
+        assert 1 <= measured["square@8/255"]["queries_median"] <= 100  # queries counted, within the budget
+    tables = (finished_run / "tables.md").read_text()
+    section = tables.split("## Threat models")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| f")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| f0",
+        "| f1 gap N=20",
+        "| f1 gap N=10",
+        "| f1 deepfool N=20",
+        "| f1 cw N=20",
+        "| f1 fgsm N=20",
+        "| f1 fgsm N=10",
+    ]
+    for name in ("gap", "deepfool", "cw", "fgsm"):  # one computed sentence per attack
+        assert f"- **{name}**, retrained on N=20: " in section
+    assert "GAP refitted (" in section.split("- **gap**")[1].split("\n")[0]  # a universal attack's adaptive row
+
+
+def test_transfer_sets_are_crafted_on_the_surrogate_and_only_evaluated_on_f0_and_every_f1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import advretrain
+    from advretrain.advset import load_adversarial_set, model_fingerprint
+    from advretrain.attacks import FGSM
+    from advretrain.data import to_float
+    from advretrain.metrics import attack_metrics
+    from advretrain.pipeline import load_split, resolve_config
+    from advretrain.pipeline.protocol import evaluation_subset
+
+    attacked: list[str] = []
+    original = FGSM.__call__
+
+    def spy(self: FGSM, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Any:
+        attacked.append(model_fingerprint(model))
+        return original(self, model, images, labels)
+
+    monkeypatch.setattr(FGSM, "__call__", spy)
+    overrides = [*TINY, "attacks=[deepfool]", "retrain.sizes={deepfool: [20, 10]}", "threats.query=[]"]
+    results = advretrain.run("default", tmp_path / "r", [*overrides, "threats.transfer=[fgsm]", "pgd_eval=false"])
+    stages = tmp_path / "r" / "stages"
+    surrogate = advretrain.load_model(next(stages.glob("surrogate-*")))
+    f0 = advretrain.load_model(next(stages.glob("baseline-*")))
+    assert model_fingerprint(surrogate) != model_fingerprint(f0)
+    assert attacked and set(attacked) == {model_fingerprint(surrogate)}  # crafted against nothing else
+    assert results.threats is not None
+    assert set(results.threats.retrained["deepfool"]) == {20, 10}
+    crafted = load_adversarial_set(next(stages.glob("transfer-transfer_fgsm_0_07-*")) / "test.advset")
+    assert crafted.meta["model_fingerprint"] == model_fingerprint(surrogate)
+    cfg = resolve_config("default", overrides)
+    subset = evaluation_subset(cfg, load_split(cfg.data, "test"))
+    expected = attack_metrics(f0, to_float(subset.images), crafted.adversarial, subset.labels)
+    measured = results.threats.f0["transfer fgsm@0.07"]
+    assert measured["fooling_ratio"] == expected["fooling_ratio"]
+    assert measured["adversarial_accuracy"] == expected["adversarial_accuracy"]
+
+
+def test_a_query_attack_listed_as_transfer_and_a_surrogate_that_is_f0_are_refused(tmp_path: Path) -> None:
+    for override, message in (
+        ("threats.query=[fgsm]", "threats.query.0: fgsm is not a query-only attack"),
+        ("threats.surrogate_seed=0", "threats.surrogate_seed equals train.seed: the surrogate would be f0 itself"),
+    ):
+        proc = advretrain("run", "--out", str(tmp_path / "r"), *TINY, override)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and message in err, err

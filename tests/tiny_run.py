@@ -20,6 +20,8 @@ TINY = [
     "attack.gap.epochs=1",
     "attack.gap.holdout=40",
     "attack.pgd.steps=2",
+    "attack.square.max_queries=100",
+    "threats.budgets=[0.07]",
     "figure_images=4",
     "device=cpu",
 ]

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -36,6 +45,24 @@ class DataConfig(Frozen):
     test_per_class: int | None = Field(None, ge=1, description="stratified subset of the test split")
 
 
+def _known_model(name: str) -> str:
+    from .models import MODELS  # models import nothing from here; the registry is the one truth
+
+    if ":" in name:  # a user's builder: it must at least import (it is called, and checked, when built)
+        from .plugins import import_object
+
+        try:
+            import_object(name, "model")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return name
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model{hint}; choose one of {', '.join(sorted(MODELS))}")
+    return name
+
+
 class ModelConfig(Frozen):
     name: str = Field(
         "small", description="a key of advretrain.models.MODELS, or an import path package.module:builder"
@@ -47,21 +74,7 @@ class ModelConfig(Frozen):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from .models import MODELS  # models import nothing from here; the registry is the one truth
-
-        if ":" in name:  # a user's builder: it must at least import (it is called, and checked, when built)
-            from .plugins import import_object
-
-            try:
-                import_object(name, "model")
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from exc
-            return name
-        if name not in MODELS:
-            close = difflib.get_close_matches(name, list(MODELS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown model{hint}; choose one of {', '.join(sorted(MODELS))}")
-        return name
+        return _known_model(name)
 
     def build(self, num_classes: int, image_size: int = 32) -> Classifier:
         """The model this section describes, every key passed on: the one place a config becomes a model."""
@@ -179,6 +192,44 @@ class LabelerConfig(Frozen):
     backend: Literal["torch", "faiss"] = Field("torch", description="exact k-NN: chunked torch, or faiss (extra)")
 
 
+def _query_attack(name: str) -> str:
+    from .attacks import get_attack
+
+    if get_attack(_known_attack(name)).threat != "query":
+        raise ValueError(f"{name} is not a query-only attack; list it under threats.transfer or attacks instead")
+    return name
+
+
+class ThreatConfig(Frozen):
+    """Not in the paper (METHOD.md 2.6, 2.7, 5 item 9): attackers without the gradients of the model they attack.
+
+    Each attack below runs against f0 and every retrained f1 at its own budget and at each of `budgets`; empty lists
+    switch the threat-model table off.
+    """
+
+    query: list[Annotated[str, AfterValidator(_query_attack)]] = Field(
+        default_factory=lambda: ["square"], description="query-only attacks, run against each model's outputs"
+    )
+    transfer: list[Annotated[str, AfterValidator(_known_attack)]] = Field(
+        default_factory=lambda: ["pgd", "fgsm"], description="attacks crafted on the surrogate, submitted to each model"
+    )
+    # The paper's GAP (10/255) and FGSM (0.07) budgets, so that one budget compares black-box with white-box.
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [10 / 255, 0.07], description="extra L-inf budgets for every attack with an eps"
+    )
+    surrogate_model: str | None = Field(None, description="the surrogate's model (None: the config's model)")
+    surrogate_seed: int | None = Field(None, description="the surrogate's training seed (None: train.seed + 1)")
+
+    @field_validator("surrogate_model")
+    @classmethod
+    def _known_model(cls, name: str | None) -> str | None:
+        return None if name is None else _known_model(name)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.query or self.transfer)
+
+
 class ExperimentConfig(Frozen):
     """`advretrain run`: the paper's protocol (METHOD.md 1.2) on one dataset and model."""
 
@@ -194,6 +245,7 @@ class ExperimentConfig(Frozen):
     )
     retrain: RetrainConfig = RetrainConfig()
     labeler: LabelerConfig = LabelerConfig()
+    threats: ThreatConfig = ThreatConfig()
     test_images: int | None = Field(None, ge=1, description="test images attacked (None: the whole test split)")
     pgd_eval: bool = Field(True, description="also report each retrained model's PGD accuracy")
     figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
@@ -206,6 +258,13 @@ class ExperimentConfig(Frozen):
         if len(set(names)) != len(names):
             raise ValueError("an attack is listed twice; list each once")
         return names
+
+    @model_validator(mode="after")
+    def _surrogate_differs(self) -> ExperimentConfig:
+        same_model = self.threats.surrogate_model in (None, self.model.name)
+        if self.threats.transfer and same_model and self.threats.surrogate_seed == self.train.seed:
+            raise ValueError("threats.surrogate_seed equals train.seed: the surrogate would be f0 itself; change it")
+        return self
 
     @field_validator("attack")
     @classmethod
@@ -265,7 +324,10 @@ def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
         hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
         return f"unknown config key {where!r}{hint}; remove or correct it"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    return f"config {where}: {msg} (got {err.get('input')!r}); fix the value"
+    value = err.get("input")
+    # a scalar is quoted; a section or a long value never is (it would bury the one line the user needs)
+    got = f" (got {value!r})" if isinstance(value, str | int | float | None) and len(repr(value)) <= 80 else ""
+    return f"config {where}: {msg}{got}; fix the value" if where else f"config: {msg}"
 
 
 def packaged_configs() -> dict[str, Path]:

@@ -23,7 +23,7 @@ import torch
 from . import paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
-from .results import AttackResults, Results
+from .results import AttackResults, Metrics, Results, ThreatModels
 from .runtime.io import atomic_path, read_safetensors, write_text
 
 
@@ -208,6 +208,83 @@ def labels_section(results: Results, fam: str) -> tuple[list[str], list[list[str
     return md, cells
 
 
+# A threat is "stopped" when retraining leaves at most a quarter of the fooling ratio it had against f0, and
+# "weakened" when at most three quarters: coarse on purpose, so that a sentence never hangs on noise.
+STOPPED, WEAKENED = 0.25, 0.75
+
+
+def fr_acc(metrics: Metrics | None) -> str:
+    """A threat-model cell: fooling ratio / accuracy under attack, in %."""
+    if metrics is None:
+        return "—"
+    return f"{100 * metrics['fooling_ratio']:.1f} / {100 * metrics['adversarial_accuracy']:.1f}"
+
+
+def threat_rows(results: Results, threats: ThreatModels, fam: str) -> tuple[list[str], list[list[str]]]:
+    header = ["Model", "replayed f0-adversarials", "adaptive white-box (GAP: refitted)"]
+    header += [probe.key for probe in threats.probes]
+    rows = [["f0", *map(fr_acc, [None, None, *(threats.f0.get(p.key) for p in threats.probes)])]]
+    for name, attack in in_table_order(results, fam):
+        for row in attack.retrain:
+            measured = threats.retrained.get(name, {}).get(row.n, {})
+            cells = [row.replay, row.adaptive, *(measured.get(p.key) for p in threats.probes)]
+            rows.append([f"f1 {name} N={row.n}", *map(fr_acc, cells)])
+    return header, rows
+
+
+def verdicts(name: str, attack: AttackResults, threats: ThreatModels) -> str:
+    """One sentence: which threats retraining on this attack (its largest N) stopped, weakened or left standing."""
+    row = max(attack.retrain, key=lambda r: r.n)
+    measured = threats.retrained.get(name, {}).get(row.n, {})
+    before_after = [
+        ("replayed f0-adversarials", attack.initial, row.replay),
+        (
+            "the attack rerun against it" if attack.threat != "universal" else "GAP refitted",
+            attack.initial,
+            row.adaptive,
+        ),
+        *((p.key, threats.f0.get(p.key), measured.get(p.key)) for p in threats.probes),
+    ]
+    groups: dict[str, list[str]] = {"stopped": [], "weakened": [], "did not stop": []}
+    for what, f0, f1 in before_after:
+        if f0 is None or f1 is None or f0["fooling_ratio"] == 0:
+            continue
+        fr0, fr1 = f0["fooling_ratio"], f1["fooling_ratio"]
+        verdict = "stopped" if fr1 <= STOPPED * fr0 else "weakened" if fr1 <= WEAKENED * fr0 else "did not stop"
+        groups[verdict].append(f"{what} ({100 * fr0:.1f}% → {100 * fr1:.1f}%)")
+    said = "; ".join(f"{verdict} {', '.join(items)}" for verdict, items in groups.items() if items)
+    return f"**{name}**, retrained on N={row.n}: {said or 'nothing fooled f0 to begin with'}."
+
+
+def threats_section(results: Results, fam: str) -> tuple[list[str], list[list[str]]]:
+    """The threat-model table (not in the paper): every model under white-box, query and transfer attackers."""
+    threats = results.threats
+    if threats is None:
+        return [], []
+    header, rows = threat_rows(results, threats, fam)
+    surrogate = threats.surrogate
+    md = ["## Threat models: what retraining stops (not in the paper)\n"]
+    md.append(
+        "Each cell: fooling ratio / accuracy under attack (%), on the attacked test images. Replayed and adaptive: "
+        "the attack the model was retrained on. Query attacks see only the model's outputs; transfer sets are "
+        "crafted once against a surrogate the attacker trained"
+        + (
+            f" ({surrogate['model']}, seed {surrogate['seed']}, clean test accuracy {pct(surrogate['test_accuracy'])})"
+            if surrogate
+            else ""
+        )
+        + " and submitted unchanged. Budgets are L-inf in [0,1] pixels.\n"
+    )
+    md.append(markdown(header, rows) + "\n")
+    md.append(
+        f"A threat counts as stopped when the retrained model's fooling ratio is at most {STOPPED:g}× f0's, "
+        f"weakened at most {WEAKENED:g}×.\n"
+    )
+    md += [f"- {verdicts(name, attack, threats)}" for name, attack in in_table_order(results, fam)]
+    md.append("")
+    return md, csv_cells("threats", "threats", header, rows)
+
+
 def build_tables(results: Results) -> tuple[str, list[list[str]]]:
     fam = paper.family(results.dataset, results.classes)
     md = [
@@ -224,7 +301,8 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
         md += section
         csv_rows += cells
     section, cells = labels_section(results, fam)
-    return "\n".join(md + section), csv_rows + cells
+    threats, threat_cells = threats_section(results, fam)
+    return "\n".join(md + section + threats), csv_rows + cells + threat_cells
 
 
 def save_figure(fig: Any, path: Path) -> None:

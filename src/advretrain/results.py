@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import AdvretrainError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the threat-model experiment (`threats`)
 Metrics = dict[str, float]
 
 
@@ -97,6 +97,54 @@ class AttackResults:
         )
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One black-box threat: a query attack run against each model, or a transfer set crafted on the surrogate."""
+
+    key: str  # "square@8/255", "transfer pgd@10/255": a column of the threat-model table
+    kind: str  # "query" | "transfer"
+    attack: str
+    settings: dict[str, Any]  # the attack's full settings at this budget
+    eps: float | None  # its L-inf budget, where it has one
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Probe:
+        eps = d.get("eps")
+        return Probe(
+            str(d["key"]), str(d["kind"]), str(d["attack"]), dict(d["settings"]), None if eps is None else float(eps)
+        )
+
+
+@dataclass
+class ThreatModels:
+    """Every model of the run (f0 and each f1) under each black-box probe: probe key → attack metrics."""
+
+    surrogate: dict[str, Any]  # model, seed, test accuracy
+    probes: list[Probe]
+    f0: dict[str, Metrics]
+    retrained: dict[str, dict[int, dict[str, Metrics]]]  # attack → N → probe key → metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "surrogate": self.surrogate,
+            "probes": [p.to_dict() for p in self.probes],
+            "f0": self.f0,
+            "retrained": {a: {str(n): m for n, m in rows.items()} for a, rows in self.retrained.items()},
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ThreatModels:
+        return ThreatModels(
+            dict(d["surrogate"]),
+            [Probe.from_dict(p) for p in d["probes"]],
+            {k: dict(m) for k, m in d["f0"].items()},
+            {a: {int(n): dict(m) for n, m in rows.items()} for a, rows in d["retrained"].items()},
+        )
+
+
 @dataclass
 class Results:
     """A whole run of the protocol: the baseline and one `AttackResults` per attack, in the config's order."""
@@ -110,9 +158,10 @@ class Results:
     retrain_mode: str
     retrain_labels: str
     attacks: dict[str, AttackResults]
+    threats: ThreatModels | None = None  # off when the config lists no query or transfer attack
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "dataset": self.dataset,
             "classes": self.classes,
@@ -124,12 +173,17 @@ class Results:
             "retrain_labels": self.retrain_labels,
             "attacks": {name: attack.to_dict() for name, attack in self.attacks.items()},
         }
+        if self.threats is not None:
+            out["threats"] = self.threats.to_dict()
+        return out
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Results:
         version = d.get("schema_version", 0) if isinstance(d, dict) else None
         if version == 0:  # written before the schema had a version (advretrain ≤ 2be4d84)
-            d, version = upgrade_from_v0(d), SCHEMA_VERSION
+            d, version = upgrade_from_v0(d), 1
+        if version == 1:  # before the threat-model experiment: the same layout without `threats`
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise AdvretrainError(
                 f"results.json has schema version {version!r}, this advretrain reads {SCHEMA_VERSION}; "
@@ -146,6 +200,7 @@ class Results:
                 str(d["retrain_mode"]),
                 str(d["retrain_labels"]),
                 {name: AttackResults.from_dict(a) for name, a in d["attacks"].items()},
+                ThreatModels.from_dict(d["threats"]) if d.get("threats") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdvretrainError(

@@ -1,4 +1,5 @@
-"""The protocols, as composition of stages only: the paper's (METHOD.md 1.2) and the arms race (METHOD.md 5).
+"""The protocols, as composition of stages only: the paper's (METHOD.md 1.2), the arms race and the threat models
+(METHOD.md 5).
 
 baseline f0 → per attack: adversarial pool (training images) + static adversarial test set, crafted against f0 →
 labels (oracle or k-NN) → per N: retrain on clean + N adversarial images → evaluate f1 (clean accuracy, accuracy on
@@ -40,6 +41,7 @@ from .stages import (
     retrain_sizes,
     retrain_stage,
 )
+from .threats import threat_experiment
 
 log = logging.getLogger("advretrain.pipeline")
 
@@ -93,26 +95,27 @@ def attack_experiment(
     fooling: torch.Tensor,
     train_set: ImageDataset,
     test_eval: ImageDataset,
-) -> AttackResults:
-    """One attack's table: craft against f0, label, retrain at every N, evaluate; then the optional arms race."""
+) -> tuple[AttackResults, dict[int, Trained]]:
+    """One attack's table: craft against f0, label, retrain at every N, evaluate; then the optional arms race.
+
+    Also returns the retrained models by N, for the experiments that measure them further (threat models)."""
     art = attack_stage(run, name, f0, train_set, test_eval)
     labels = labels_for_retraining(run, labeler, art)
     report = label_stage(run, labeler, art, test_eval, fooling)
     figure_data(run, art, f0.model, test_eval)
     sizes = sorted(retrain_sizes(run.cfg, name, len(train_set)), reverse=True)
     rows: list[RetrainRow] = []
-    largest = f0
+    models: dict[int, Trained] = {}
     for n in sizes:
-        f1 = retrain_stage(run, [(art, labels)], n, f0, train_set)
-        rows.append(evaluate_stage(run, art, n, f1, train_set, test_eval))
-        largest = f1 if n == sizes[0] else largest
+        models[n] = retrain_stage(run, [(art, labels)], n, f0, train_set)
+        rows.append(evaluate_stage(run, art, n, models[n], train_set, test_eval))
     spec = art.spec
     out = AttackResults(
         spec.title, spec.threat, art.params, initial_metrics(run, f0.model, art, test_eval), report, rows
     )
     if run.cfg.retrain.rounds > 1:
-        out.rounds = arms_race(run, [(art, labels)], sizes[0], largest, labeler, train_set, test_eval)
-    return out
+        out.rounds = arms_race(run, [(art, labels)], sizes[0], models[sizes[0]], labeler, train_set, test_eval)
+    return out, models
 
 
 def arms_race(
@@ -156,7 +159,9 @@ def run_experiment(
     f0 = baseline(run, train_set, test_set)
     labeler = labeler_stage(run, train_set)
     fooling = noise_images(500, tuple(train_set.images.shape[1:]))  # type: ignore[arg-type]
-    attacks = {name: attack_experiment(run, name, f0, labeler, fooling, train_set, test_eval) for name in cfg.attacks}
+    done = {name: attack_experiment(run, name, f0, labeler, fooling, train_set, test_eval) for name in cfg.attacks}
+    retrained = {name: models for name, (_, models) in done.items()}
+    threats = threat_experiment(run, f0, retrained, train_set, test_set, test_eval) if cfg.threats.enabled else None
     if is_main():
         write_json(root / "timings.json", run.timings)
     return Results(
@@ -168,5 +173,6 @@ def run_experiment(
         evaluate(f0.model, test_set.images, test_set.labels, cfg.train.eval_batch_size),
         cfg.retrain.mode,
         cfg.retrain.labels,
-        attacks,
+        {name: results for name, (results, _) in done.items()},
+        threats,
     )

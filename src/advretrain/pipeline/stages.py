@@ -22,7 +22,7 @@ import torch
 from ..advset import AdversarialSet, craft_adversarial_set, is_complete, load_adversarial_set
 from ..attacks import ROBUSTNESS_ATTACK, AttackSpec, get_attack, slug
 from ..checkpoint import load_model, train_resumable
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, ModelConfig, TrainConfig
 from ..data import ImageDataset, to_float
 from ..labeler import KNNLabeler
 from ..metrics import attack_metrics, evaluate, predict
@@ -100,25 +100,30 @@ def cached_stage(
     return value
 
 
-def baseline(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
+def baseline(
+    run: Run,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    model_cfg: ModelConfig | None = None,
+    recipe: TrainConfig | None = None,
+    role: str = "baseline",
+) -> Trained:
+    """A classifier trained on the clean training set: f0 (the config's model and recipe), or a surrogate."""
     cfg = run.cfg
-    key = digest(cfg.data, cfg.model, cfg.train)
-    folder = run.stage(f"baseline-{key}")
-
-    accuracy: dict[str, float | None] = {}
+    model_cfg, recipe = model_cfg or cfg.model, recipe or cfg.train
+    key = digest(cfg.data, model_cfg, recipe)
+    folder = run.stage(f"{role}-{key}")
 
     def compute() -> Classifier:
-        log.info("baseline: training %s on %d images → %s", cfg.model.name, len(train_set), folder)
-        torch.manual_seed(cfg.train.seed)
-        model = cfg.model.build(train_set.num_classes, train_set.image_size)
-        result = train_resumable(model, train_set, cfg.train, run.device, folder, test_set, run.progress, cfg.compile)
-        accuracy["test"] = result.test_accuracy
-        return result.model
+        log.info("%s: training %s on %d images → %s", role, model_cfg.name, len(train_set), folder)
+        torch.manual_seed(recipe.seed)
+        model = model_cfg.build(train_set.num_classes, train_set.image_size)
+        return train_resumable(model, train_set, recipe, run.device, folder, test_set, run.progress, cfg.compile).model
 
     def record(_: Classifier) -> dict[str, Any]:
-        return {"test_accuracy": accuracy["test"]}
+        return {"test_accuracy": json.loads((folder / "metrics.json").read_text()).get("test_accuracy")}
 
-    model = cached_stage(run, "baseline", "baseline", folder, compute, record, lambda _: load_model(folder, run.device))
+    model = cached_stage(run, role, role, folder, compute, record, lambda _: load_model(folder, run.device))
     return Trained(model, key, folder)
 
 
@@ -144,11 +149,18 @@ def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
     return cached_stage(run, "labeler", "labeler", folder, compute, record, reuse)
 
 
-def fitted_attack(run: Run, spec: AttackSpec, model: Classifier, images: torch.Tensor, file: Path) -> Any:
-    """The attack built from the config; a fitted one (GAP) fitted against `model`, or its state read from `file`."""
-    attack = spec.build(
-        run.cfg.attack.get(spec.name), progress=run.progress, on_epoch=lambda _: kill_point("fit-epoch")
-    )
+def fitted_attack(
+    run: Run,
+    spec: AttackSpec,
+    model: Classifier,
+    images: torch.Tensor,
+    file: Path,
+    values: dict[str, Any] | None = None,
+) -> Any:
+    """The attack built from `values` (default: the config's); a fitted one (GAP) fitted against `model`, or its
+    state read from `file`."""
+    values = run.cfg.attack.get(spec.name) if values is None else values
+    attack = spec.build(values, progress=run.progress, on_epoch=lambda _: kill_point("fit-epoch"))
     if not spec.fitted:
         return attack
     exists = file.exists()

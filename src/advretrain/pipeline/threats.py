@@ -1,0 +1,159 @@
+"""The threat-model experiment (not in the paper; METHOD.md 2.6, 2.7, 5 item 9): attackers who cannot see the
+gradients of the model they attack, against f0 and every retrained f1.
+
+- query: a query-only attack (Square) run against each model's outputs, at its own budget and the extra ones;
+- transfer: sets crafted once against a surrogate trained independently (the baseline recipe, another seed), then
+  submitted unchanged to f0 and to every f1 — nothing is crafted against the models that are measured.
+
+Each model's measurements are one cached stage; the surrogate and its transfer sets are cached stages like f0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..advset import AdversarialSet
+from ..attacks import get_attack, slug
+from ..config import ExperimentConfig
+from ..data import ImageDataset, to_float
+from ..metrics import attack_metrics, evaluate
+from ..results import Metrics, Probe, ThreatModels
+from .stages import Run, Trained, baseline, cached_stage, craft, digest, fitted_attack
+
+log = logging.getLogger("advretrain.pipeline")
+
+
+def budget_name(eps: float) -> str:
+    """8/255 where the budget is a whole number of 8-bit steps, else the number itself (0.07)."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:g}"
+
+
+def at_budget(settings: dict[str, Any], eps: float) -> dict[str, Any]:
+    """An L-inf attack's settings at another budget; a step size keeps its ratio to the budget (PGD: eps/4)."""
+    out = {**settings, "eps": eps}
+    if "step_size" in settings:
+        out["step_size"] = settings["step_size"] * eps / settings["eps"]
+    return out
+
+
+def budgets_for(settings: dict[str, Any], extra: list[float]) -> Sequence[float | None]:
+    """An L-inf attack's own budget and the extra ones, ascending; [None] for an attack without an L-inf eps."""
+    own = settings.get("eps")
+    if not isinstance(own, float) or settings.get("norm", "linf") != "linf":
+        return [None]
+    return sorted([own, *(b for b in extra if abs(b - own) > 1e-9)])
+
+
+def probes(cfg: ExperimentConfig) -> list[Probe]:
+    """Every (attack, budget) column: query attacks first, then transfer attacks, each at ascending budgets."""
+    out: list[Probe] = []
+    for kind, names in (("query", cfg.threats.query), ("transfer", cfg.threats.transfer)):
+        for name in names:
+            settings = get_attack(name).configure(cfg.attack.get(name)).model_dump(mode="json")
+            for eps in budgets_for(settings, cfg.threats.budgets):
+                at = settings if eps is None or eps == settings["eps"] else at_budget(settings, eps)
+                key = (
+                    ("transfer " if kind == "transfer" else "") + name + ("" if eps is None else f"@{budget_name(eps)}")
+                )
+                out.append(Probe(key, kind, name, at, eps))
+    return out
+
+
+def surrogate_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
+    """A classifier the attacker trains on the same data: the configured model and recipe, another seed."""
+    cfg = run.cfg
+    seed = cfg.train.seed + 1 if cfg.threats.surrogate_seed is None else cfg.threats.surrogate_seed
+    model = cfg.model.model_copy(update={"name": cfg.threats.surrogate_model or cfg.model.name})
+    return baseline(run, train_set, test_set, model, cfg.train.model_copy(update={"seed": seed}), "surrogate")
+
+
+def transfer_sets(
+    run: Run, surrogate: Trained, transfer: list[Probe], train_set: ImageDataset, test_eval: ImageDataset
+) -> dict[str, AdversarialSet]:
+    """Each transfer probe's adversarial test set, crafted against the surrogate (a fitted attack fitted on it)."""
+    out = {}
+    for probe in transfer:
+        spec = get_attack(probe.attack)
+        folder = run.stage(f"transfer-{slug(probe.key)}-{digest(probe.settings, surrogate.key, len(test_eval))}")
+        log.info("transfer %s: crafting against the surrogate → %s", probe.key, folder)
+        attack = fitted_attack(
+            run, spec, surrogate.model, train_set.images, folder / "fitted.safetensors", probe.settings
+        )
+        meta = {"attack": probe.attack, "params": probe.settings, "split": "test", "against": surrogate.key}
+        everything = torch.arange(len(test_eval))
+        out[probe.key] = craft(
+            attack, surrogate.model, test_eval.images, test_eval.labels, everything, folder / "test.advset", meta
+        )
+    return out
+
+
+def threat_stage(
+    run: Run,
+    model: Trained,
+    label: str,
+    probe_list: list[Probe],
+    sets: dict[str, AdversarialSet],
+    test_eval: ImageDataset,
+) -> dict[str, Metrics]:
+    """`model` under every probe: query attacks crafted against it (resumable sets), transfer sets replayed."""
+    keys = [(p.key, p.settings) for p in probe_list]
+    folder = run.stage(f"threats-{model.key}-{digest(keys, *(sets[k].meta for k in sorted(sets)), len(test_eval))}")
+    clean, labels, bs = to_float(test_eval.images), test_eval.labels, run.cfg.train.eval_batch_size
+
+    def measure(probe: Probe) -> Metrics:
+        if probe.kind == "transfer":
+            return attack_metrics(model.model, clean, sets[probe.key].adversarial, labels, batch_size=bs)
+        attack = get_attack(probe.attack).build(probe.settings, progress=run.progress)
+        meta = {"attack": probe.attack, "params": probe.settings, "split": "test", "against": model.key}
+        everything = torch.arange(len(labels))
+        crafted = craft(
+            attack, model.model, test_eval.images, labels, everything, folder / f"{slug(probe.key)}.advset", meta
+        )
+        return attack_metrics(model.model, clean, crafted.adversarial, labels, None, bs, crafted.iterations)
+
+    def compute() -> dict[str, Metrics]:
+        log.info("threat models: %s under %s", label, ", ".join(p.key for p in probe_list))
+        return {probe.key: measure(probe) for probe in probe_list}
+
+    return cached_stage(
+        run, "threats", f"threats {label}", folder, compute, lambda m: {"metrics": m}, lambda d: d["metrics"]
+    )
+
+
+def threat_experiment(
+    run: Run,
+    f0: Trained,
+    retrained: dict[str, dict[int, Trained]],
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    test_eval: ImageDataset,
+) -> ThreatModels:
+    """The surrogate and its transfer sets, then f0 and every f1 under every probe."""
+    probe_list = probes(run.cfg)
+    transfer = [p for p in probe_list if p.kind == "transfer"]
+    surrogate = surrogate_stage(run, train_set, test_set) if transfer else None
+    sets = transfer_sets(run, surrogate, transfer, train_set, test_eval) if surrogate else {}
+    described: dict[str, Any] = {}
+    if surrogate is not None:
+        bs = run.cfg.train.eval_batch_size
+        described = {
+            "model": run.cfg.threats.surrogate_model or run.cfg.model.name,
+            "seed": run.cfg.train.seed + 1
+            if run.cfg.threats.surrogate_seed is None
+            else run.cfg.threats.surrogate_seed,
+            "test_accuracy": evaluate(surrogate.model, test_set.images, test_set.labels, bs),
+        }
+    return ThreatModels(
+        described,
+        probe_list,
+        threat_stage(run, f0, "f0", probe_list, sets, test_eval),
+        {
+            name: {n: threat_stage(run, f1, f"{name} N={n}", probe_list, sets, test_eval) for n, f1 in models.items()}
+            for name, models in retrained.items()
+        },
+    )
