@@ -171,6 +171,26 @@ def test_gap_learns_one_bounded_universal_perturbation() -> None:
     assert fr > 0.3 and fr > random_fr + 0.2, (fr, random_fr)
 
 
+def test_gap_reports_its_saturation_and_a_saturated_generator_is_visible() -> None:
+    model = BrightnessClassifier()
+    train_x, _ = brightness_task(600, seed=1)
+    test_x, test_y = brightness_task(400, seed=2)
+    fits = {
+        lr: GAP(lr=lr, epochs=3, batch_size=32, holdout=100, ngf=8, loss="untargeted").fit(model, train_x)
+        for lr in (0.02, 0.002)
+    }
+    for gap in fits.values():
+        assert [h["epoch"] for h in gap.history] == [1, 2, 3]
+        assert all(0 <= h["saturation"] <= 1 for h in gap.history)
+    assert fits[0.02].history[-1]["saturation"] > 0.9  # too large a step: the tanh saturates (METHOD.md 2.1)
+    assert fits[0.002].history[-1]["saturation"] < 0.1
+    # the untargeted loss pushes away from each clean prediction: it fools far more than a random sign pattern
+    fr = fits[0.002](model, test_x, test_y).success.float().mean()
+    sign = torch.sign(torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))) * 10 / 255
+    random_fr = (model((test_x + sign).clamp(0, 1)).argmax(1) != model(test_x).argmax(1)).float().mean()
+    assert fr > random_fr + 0.2, (fr, random_fr)
+
+
 def test_gap_state_round_trips_through_a_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = BrightnessClassifier()
     gap = GAP(epochs=1, batch_size=64, holdout=50, ngf=4).fit(model, brightness_task(200)[0])
@@ -178,6 +198,7 @@ def test_gap_state_round_trips_through_a_file(tmp_path) -> None:  # type: ignore
     loaded = GAP().load_state_dict(*read_safetensors(tmp_path / "gap.safetensors", "GAP"))
     x, y = brightness_task(20, seed=5)
     assert torch.equal(loaded(model, x, y).adversarial, gap(model, x, y).adversarial)
+    assert loaded.history == gap.history and "saturation" in loaded.history[0]
     with pytest.raises(AttackError, match="not fitted"):
         GAP()(model, x, y)
 

@@ -29,6 +29,8 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
         assert {"clean_accuracy", "adversarial_accuracy", "replay", "adaptive", "pgd_accuracy"} <= set(row)
         assert 0 <= row["adaptive"]["fooling_ratio"] <= 1
     assert gap["labels"]["exact_source_retrieval"] == 1.0  # pool sources are in the reference set
+    assert [set(epoch) for epoch in gap["fit"]] == [{"epoch", "holdout_fooling_ratio", "saturation"}]
+    assert "Fit, per epoch: held-out FR (generator saturation" in tables.split("## Table 1:")[1].split("## Table")[0]
     for name in ("config.yaml", "environment.json", "run.log", "tables.csv", "timings.json"):
         assert (finished_run / name).exists()
 

@@ -133,6 +133,28 @@ def in_table_order(results: Results, fam: str) -> list[tuple[str, AttackResults]
     return sorted(results.attacks.items(), key=lambda item: paper.table_number(item[0], fam) or unnumbered)
 
 
+# A generator whose outputs are this saturated has a vanished gradient: its perturbation froze (METHOD.md 2.1).
+FROZEN = 0.9
+
+
+def fit_lines(attack: AttackResults) -> list[str]:
+    """A fitted attack's per-epoch record in one line, and a warning when its generator saturated."""
+    if not attack.fit:
+        return []
+    epochs = ", ".join(
+        f"{pct(e.get('holdout_fooling_ratio'))}" + (f" (sat. {e['saturation']:.2f})" if "saturation" in e else "")
+        for e in attack.fit
+    )
+    lines = [f"Fit, per epoch: held-out FR (generator saturation, share of |tanh| > 0.99): {epochs}.\n"]
+    last = attack.fit[-1].get("saturation")
+    if last is not None and last > FROZEN:
+        lines.append(
+            f"**Warning:** the generator ended {100 * last:.0f}% saturated: its gradient vanished and the "
+            "perturbation froze early; lower attack.gap.lr or use init: pytorch (METHOD.md 2.1).\n"
+        )
+    return lines
+
+
 def attack_section(name: str, attack: AttackResults, fam: str) -> tuple[list[str], list[list[str]]]:
     """One attack's Markdown section (its table, findings and any arms race) and its CSV rows."""
     number = paper.table_number(name, fam)
@@ -148,6 +170,7 @@ def attack_section(name: str, attack: AttackResults, fam: str) -> tuple[list[str
         f"8-bit {pct(init['fooling_ratio_8bit'])}), success on correctly classified "
         f"{pct(init['success_on_correct'])}{extra}, median L2 {fmt_l2(init['l2_median'])}.\n"
     )
+    md += fit_lines(attack)
     md.append(markdown(header, rows) + "\n")
     md += [f"- {line}" for line in findings(name, attack)]
     md.append("")

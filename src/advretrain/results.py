@@ -72,6 +72,7 @@ class AttackResults:
     labels: Metrics
     retrain: list[RetrainRow]
     rounds: list[ArmsRound] = field(default_factory=list)
+    fit: list[Metrics] = field(default_factory=list)  # a fitted attack's per-epoch record (GAP: FR, saturation)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class AttackResults:
             "labels": self.labels,
             "retrain": [row.to_dict() for row in self.retrain],
             "rounds": [r.to_dict() for r in self.rounds],
+            "fit": self.fit,
         }
 
     @staticmethod
@@ -94,6 +96,7 @@ class AttackResults:
             dict(d["labels"]),
             [RetrainRow.from_dict(row) for row in d["retrain"]],
             [ArmsRound.from_dict(r) for r in d.get("rounds", [])],
+            [dict(epoch) for epoch in d.get("fit", [])],
         )
 
 

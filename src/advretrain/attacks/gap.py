@@ -7,10 +7,12 @@ Reference: OmidPoursaeed/Generative_Adversarial_Perturbations (METHOD.md 2.1).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ class ResidualBlock(nn.Module):
 class ResnetGenerator(nn.Module):
     """GAP's image-to-image generator: 7×7 conv, two stride-2 downs, `blocks` residual blocks, two ups, 7×7, tanh."""
 
-    def __init__(self, ngf: int = 64, blocks: int = 6) -> None:
+    def __init__(self, ngf: int = 64, blocks: int = 6, init: str = "reference") -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_bn_relu(nn.Conv2d(3, ngf, 7, bias=False), ngf)]
         layers += _conv_bn_relu(nn.Conv2d(ngf, 2 * ngf, 3, 2, 1, bias=False), 2 * ngf)
@@ -58,7 +60,12 @@ class ResnetGenerator(nn.Module):
         layers += _conv_bn_relu(nn.ConvTranspose2d(2 * ngf, ngf, 3, 2, 1, output_padding=1, bias=False), ngf)
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
-        for m in self.modules():  # the reference's DCGAN-style initialisation
+        if init == "reference":
+            self.reference_init()
+
+    def reference_init(self) -> None:
+        """The reference's DCGAN-style initialisation: conv weights N(0, 0.02), BN scales N(1, 0.02), biases 0."""
+        for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 if m.bias is not None:
@@ -68,14 +75,13 @@ class ResnetGenerator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: 1×3×H×W, raw 0-255 noise as the reference feeds it
-        # The tanh saturates within ~60 Adam steps and U freezes as a ±eps pattern. The reference's forward is
-        # this one, but it scales and clips in place on `.data`, so its gradient reaches the tanh's input unchanged.
-        # Tried, neither that gradient nor a normalised tanh input unfroze U. Held-out fooling ratios, exact vs the
-        # reference's gradient: 0.108 vs 0.108 against a 13-epoch VGG16; 0.82 vs 0.88 (flat over 3 epochs) against
-        # the whitened small CNN, 10,000 images; 0.38 vs 0.08 (a straight-through tanh) against the unwhitened one of
-        # before. Kept exact.
         out: torch.Tensor = self.net(z)
         return out  # 1×3×H×W in (-1, 1)
+
+
+def saturation(g: torch.Tensor) -> float:
+    """Share of the generator's tanh outputs with |g| > 0.99: near 1, its gradient has vanished and U is frozen."""
+    return float((g.abs() > 0.99).float().mean())
 
 
 def scale_to_budget(g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,6 +98,12 @@ class GAP:
         epochs: passes over the training images (10); `max_iter` caps the steps per epoch (reference: 50; None: full).
         batch_size: images per step (30, the reference's).
         holdout: training images held out to choose the best epoch by fooling ratio (5,000 [REC]).
+        loss: "least-likely" (the paper's: log CE toward each clean image's least-likely class) or "untargeted"
+            (−log CE of the clean prediction: away from it, in any direction).
+        init: "reference" (N(0, 0.02) weights, the reference's) or "pytorch" (PyTorch's default initialisation).
+
+    `history` holds, per epoch, the held-out fooling ratio and the generator's saturation (share of |tanh| > 0.99):
+    a generator whose saturation reaches ~1 has frozen, whatever its fooling ratio (METHOD.md 2.1).
     """
 
     name = "gap"
@@ -105,6 +117,8 @@ class GAP:
         batch_size: int = 30,
         max_iter: int | None = None,
         holdout: int = 5000,
+        loss: Literal["least-likely", "untargeted"] = "least-likely",
+        init: Literal["reference", "pytorch"] = "reference",
         ngf: int = 64,
         seed: int = 0,
         eval_batch_size: int = 512,
@@ -113,7 +127,10 @@ class GAP:
     ) -> None:
         if eps <= 0 or lr <= 0 or epochs < 1 or batch_size < 1 or holdout < 1:
             raise AttackError("gap: need eps, lr > 0 and epochs, batch_size, holdout >= 1")
+        if max_iter is not None and max_iter < 1:
+            raise AttackError("gap: max_iter must be >= 1, or None for full passes")
         self.eps, self.lr, self.epochs, self.batch_size, self.max_iter = eps, lr, epochs, batch_size, max_iter
+        self.loss, self.init = loss, init
         self.holdout, self.ngf, self.seed, self.eval_batch_size, self.progress = (
             holdout,
             ngf,
@@ -140,7 +157,7 @@ class GAP:
         fit_idx, hold = order[n_hold:], x_all[order[:n_hold]]
         self.noise = (torch.rand((1, *x_all.shape[1:]), generator=gen) * 255).to(device)
         torch.manual_seed(self.seed)
-        self.generator = ResnetGenerator(self.ngf).to(device)
+        self.generator = ResnetGenerator(self.ngf, init=self.init).to(device)
         optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
         # Under torchrun: DDP over the generator, each rank its part of every batch and of the held-out images.
         net = data_parallel(self.generator, device)
@@ -152,10 +169,17 @@ class GAP:
             for epoch in range(self.epochs):
                 self._fit_epoch(model, net, x_all, fit_idx, optimizer, gen, epoch)
                 fr = self._holdout_fooling_ratio(model, hold, clean_hold)
-                self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr})
+                saturated = saturation(self._generate())
+                self.history.append({"epoch": epoch + 1, "holdout_fooling_ratio": fr, "saturation": saturated})
                 if self.on_epoch is not None:
                     self.on_epoch(self.history[-1])
-                log.info("gap epoch %d/%d: held-out fooling ratio %.4f", epoch + 1, self.epochs, fr)
+                log.info(
+                    "gap epoch %d/%d: held-out fooling ratio %.4f, saturation %.3f",
+                    epoch + 1,
+                    self.epochs,
+                    fr,
+                    saturated,
+                )
                 if fr > best_fr:
                     best_fr = fr
                     best_state = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
@@ -189,24 +213,30 @@ class GAP:
             part = block(batch.numel())  # all of it on one process
             x = x_all[batch[part.start : part.stop]].to(device)
             with torch.no_grad():
-                target = logits_of(model, x).argmin(1)  # least likely class of each clean image
+                clean = logits_of(model, x)
+            # least-likely: toward each clean image's least likely class; untargeted: away from its prediction
+            target, sign = (clean.argmin(1), 1.0) if self.loss == "least-likely" else (clean.argmax(1), -1.0)
             # z is one fixed pattern: G(z) once equals the reference's z tiled over the batch (BN sees the same stats).
             u = scale_to_budget(net(self.noise), self.eps)
             logits = logits_of(model, (x + u).clamp(0, 1))
             mean = global_batch_mean(partial(F.cross_entropy, logits, target), batch.numel())
             # ∇ log(mean CE of the global batch) = ∇ mean / mean: each rank divides by the global mean's value
-            loss = torch.log(mean) if world == 1 else mean / (all_sum(mean.detach()) / world)
+            loss = sign * (torch.log(mean) if world == 1 else mean / (all_sum(mean.detach()) / world))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
 
     @torch.no_grad()
-    def _current_perturbation(self) -> torch.Tensor:
+    def _generate(self) -> torch.Tensor:
+        """G(z) with the generator in eval mode (1×3×H×W in (-1, 1)), as the perturbation is made from it."""
         assert self.generator is not None and self.noise is not None
         self.generator.eval()
-        u = scale_to_budget(self.generator(self.noise), self.eps)
+        g: torch.Tensor = self.generator(self.noise)
         self.generator.train()
-        return u
+        return g
+
+    def _current_perturbation(self) -> torch.Tensor:
+        return scale_to_budget(self._generate(), self.eps)
 
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes (N, on x's device), batched on the model's device."""
@@ -243,16 +273,17 @@ class GAP:
             "noise": self.noise,
             **{f"generator.{k}": v for k, v in self.generator.state_dict().items()},
         }
-        return tensors, {"eps": repr(self.eps), "ngf": str(self.ngf)}
+        return tensors, {"eps": repr(self.eps), "ngf": str(self.ngf), "history": json.dumps(self.history)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> GAP:
         try:
             self.ngf = int(metadata.get("ngf", self.ngf))
             self.eps = float(metadata.get("eps", self.eps))
             self.perturbation, self.noise = tensors["perturbation"], tensors["noise"]
+            self.history = list(json.loads(metadata.get("history", "[]")))  # none in states saved before it
             self.generator = ResnetGenerator(self.ngf)
             prefix = "generator."
             self.generator.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise AttackError(f"gap: not a fitted GAP state ({exc}); fit GAP again") from exc
         return self

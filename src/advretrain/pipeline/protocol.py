@@ -113,6 +113,8 @@ def attack_experiment(
     out = AttackResults(
         spec.title, spec.threat, art.params, initial_metrics(run, f0.model, art, test_eval), report, rows
     )
+    if spec.fitted:  # its per-epoch record (GAP: held-out fooling ratio and saturation)
+        out.fit = [dict(epoch) for epoch in getattr(art.attack, "history", [])]
     if run.cfg.retrain.rounds > 1:
         out.rounds = arms_race(run, [(art, labels)], sizes[0], models[sizes[0]], labeler, train_set, test_eval)
     return out, models
