@@ -67,7 +67,8 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
 
 def test_debug_shows_the_traceback() -> None:
     proc = run_cli("--debug", "train", "train.epoch=3")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" in proc.stderr  # still the status of bad input
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'train.epoch'")
 
 
 def test_datasets_lists_what_is_found() -> None:

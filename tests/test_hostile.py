@@ -223,7 +223,8 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 @case("negative-eps")
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     args = run_on_thirty_images(tmp, "fgsm")
-    return [*args, "attack.fgsm.eps=-0.1", "retrain.sizes.fgsm=[5]"], ["fgsm: need eps >= 0", "-0.1"]
+    expected = ["attack fgsm: eps", "greater than or equal to 0", "-0.1"]
+    return [*args, "attack.fgsm.eps=-0.1", "retrain.sizes.fgsm=[5]"], expected
 
 
 @case("retraining-size-larger-than-the-pool")

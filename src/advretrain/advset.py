@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from .errors import AdvretrainError
 from .models import Classifier
 from .runtime.distributed import barrier, block, is_main
 from .runtime.faults import kill_point
-from .runtime.io import save_safetensors, write_json
+from .runtime.io import read_text_file, save_safetensors, write_json
 
 META = "meta.json"
 
@@ -56,6 +57,9 @@ class AdversarialSet:
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+
+SHARD_PATTERN = re.compile(r"shard-\d{5,}\.safetensors")
 
 
 def shard_name(i: int) -> str:
@@ -95,6 +99,8 @@ def iter_shards(folder: str | os.PathLike[str]) -> Iterator[dict[str, torch.Tens
     path = Path(folder)
     meta = read_meta(path)
     for name in meta["shards"]:
+        if not isinstance(name, str) or not SHARD_PATTERN.fullmatch(name):  # never a path out of the folder
+            raise AdvretrainError(f"{path / META}: names a shard {str(name)[:40]!r}; delete the set and craft it again")
         try:
             yield load_file(str(path / name))
         except (SafetensorError, OSError) as exc:
@@ -106,15 +112,27 @@ def iter_shards(folder: str | os.PathLike[str]) -> Iterator[dict[str, torch.Tens
 def read_meta(folder: Path) -> dict[str, Any]:
     if not (folder / META).exists():
         raise AdvretrainError(f"{folder}: not a complete adversarial set (no {META}); rerun the attack to finish it")
-    meta: dict[str, Any] = json.loads((folder / META).read_text())
+    try:
+        meta = json.loads(read_text_file(folder / META, "adversarial set record"))
+    except json.JSONDecodeError as exc:
+        raise AdvretrainError(f"{folder / META} is damaged ({exc.msg}); delete the set and craft it again") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise AdvretrainError(f"{folder / META} lists no shards; delete the set and craft it again")
     return meta
 
 
 def load_adversarial_set(folder: str | os.PathLike[str]) -> AdversarialSet:
     shards = list(iter_shards(folder))
-    cat = {
-        key: torch.cat([s[key] for s in shards]) for key in ("adversarial", "indices", "labels", "targets", "success")
-    }
+    keys = ("adversarial", "indices", "labels", "targets", "success")
+    try:
+        cat = {key: torch.cat([s[key] for s in shards]) for key in keys}
+        n = cat["indices"].shape[0]
+        if cat["adversarial"].ndim != 4 or any(cat[k].shape != (n,) for k in keys[1:]) or len(cat["adversarial"]) != n:
+            raise ValueError("its tensors disagree in shape")
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise AdvretrainError(
+            f"{folder}: damaged adversarial set ({str(exc)[:80]}); delete it and craft it again"
+        ) from exc
     return AdversarialSet(
         cat["adversarial"],
         cat["indices"],

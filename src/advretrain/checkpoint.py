@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import TrainConfig
 from .data import ImageDataset
-from .errors import AdvretrainError, CheckpointError
+from .errors import AdvretrainError, CheckpointError, ConfigError
 from .models import Classifier, ModelSpec, build_model
 from .runtime.distributed import barrier, is_main
 from .runtime.faults import kill_point
@@ -60,7 +60,10 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
         spec = ModelSpec(**json.loads(meta["spec"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: no model spec in its metadata; it was not written by advretrain") from exc
-    model = build_model(spec.name, spec.num_classes, spec.image_size, spec.flip_average)
+    try:
+        model = build_model(spec.name, spec.num_classes, spec.image_size, spec.flip_average)
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: its metadata describes no model advretrain builds ({exc})") from exc
     try:
         state, _ = read_safetensors(file, "checkpoint")
     except AdvretrainError as exc:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -14,7 +16,7 @@ from . import __version__
 from .advset import craft_adversarial_set, load_adversarial_set
 from .attacks import ATTACKS, get_attack
 from .checkpoint import load_model, train_resumable
-from .config import TrainJob, build_config, parse_overrides, to_yaml_dict
+from .config import TrainJob, build_config, parse_overrides
 from .data import NAMED, data_root, load_dataset, resolve, to_float
 from .data.download import REMOTES, download, md5sum
 from .errors import AdvretrainError
@@ -27,7 +29,8 @@ from .report import write_report
 from .runtime.device import resolve_device
 from .runtime.distributed import init as init_distributed
 from .runtime.distributed import is_main, shutdown
-from .runtime.io import read_safetensors, save_safetensors, save_state, write_json, write_yaml
+from .runtime.io import read_safetensors, save_safetensors, save_state, write_json
+from .runtime.rundir import record_config, run_lock
 
 log = logging.getLogger("advretrain")
 
@@ -69,20 +72,23 @@ def train_cmd(
     require_out(out)
     out_dir = Path(out) if out else fresh_dir("train")
     train_set, test_set = load_split(job.data, "train"), load_split(job.data, "test")
-    if is_main():
-        write_yaml(out_dir / "config.yaml", to_yaml_dict(job))
-    torch.manual_seed(job.train.seed)
-    model = job.model.build(train_set.num_classes, train_set.image_size)
-    log.info(
-        "training %s on %s (%d images, %d classes) on %s → %s",
-        job.model.name,
-        train_set.source,
-        len(train_set),
-        train_set.num_classes,
-        dev,
-        out_dir,
-    )
-    result = train_resumable(model, train_set, job.train, dev, out_dir, test_set, not ctx.obj["quiet"], job.compile)
+    # the run's lock, and a folder trained with another config refused before anything in it is overwritten
+    with run_lock(out_dir) if is_main() else contextlib.nullcontext():
+        if is_main():
+            record_config(out_dir, job)
+        torch.manual_seed(job.train.seed)
+        model = job.model.build(train_set.num_classes, train_set.image_size)
+        log.info(
+            "training %s on %s (%d images, %d classes) on %s → %s",
+            job.model.name,
+            train_set.source,
+            len(train_set),
+            train_set.num_classes,
+            dev,
+            out_dir,
+        )
+        quiet = ctx.obj["quiet"]
+        result = train_resumable(model, train_set, job.train, dev, out_dir, test_set, not quiet, job.compile)
     main_rank = is_main()  # asked before the process group is gone
     shutdown()
     if main_rank:
@@ -317,7 +323,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except AdvretrainError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback too, and still the status of bad input
+            traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

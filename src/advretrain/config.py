@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import AdvretrainError, ConfigError
+from .runtime.io import parse_yaml, read_text_file
 
 if TYPE_CHECKING:
     from .models import Classifier
@@ -34,7 +34,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(Frozen):
@@ -86,7 +86,7 @@ class ModelConfig(Frozen):
 class TrainConfig(Frozen):
     # METHOD.md 1.1 (VGG16 on CIFAR-10): SGD, momentum 0.9, wd 5e-4, batch 128, lr 0.05, cosine, ~100 epochs.
     epochs: int = Field(100, ge=1, description="passes over the training set")
-    batch_size: int = Field(128, ge=1, description="images per SGD step")
+    batch_size: int = Field(128, ge=2, description="images per SGD step (BatchNorm needs two at least)")
     lr: float = Field(0.05, gt=0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     optimizer: Literal["sgd", "muon"] = Field("sgd", description="SGD, or Muon for conv filters and SGD for the rest")
@@ -293,7 +293,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. train.epochs=5")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+        _set_dotted(tree, key.strip(), parse_yaml(raw, f"override {key.strip()}", ConfigError) if raw else None)
     return tree
 
 
@@ -327,7 +327,8 @@ def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
     value = err.get("input")
     # a scalar is quoted; a section or a long value never is (it would bury the one line the user needs)
     got = f" (got {value!r})" if isinstance(value, str | int | float | None) and len(repr(value)) <= 80 else ""
-    return f"config {where}: {msg}{got}; fix the value" if where else f"config: {msg}"
+    fix = "" if "; " in msg else "; fix the value"  # a message from a nested check carries its own fix
+    return f"config {where}: {msg}{got}{fix}" if where else f"config: {msg}"
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -358,11 +359,10 @@ def build_config(
     if path is not None:
         path = config_path(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}; check the path") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from exc
+            text = read_text_file(path, "config")
+        except AdvretrainError as exc:
+            raise ConfigError(str(exc)) from exc
+        loaded = parse_yaml(text, f"config {path}", ConfigError) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
         tree = loaded

@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from .data import to_float
 from .errors import AdvretrainError
@@ -24,10 +23,23 @@ class LabelerError(AdvretrainError):
     """Invalid labeler input or state."""
 
 
-def flatten(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0,1] float N×C×H×W → float32 N×D in [0,1]."""
+def flatten(images: torch.Tensor, values: int | None = None) -> torch.Tensor:
+    """uint8 or [0,1] float N×C×H×W → float32 N×D in [0,1]; NaN, out-of-range or misshapen images are refused, and
+    so is a D other than `values` (the reference set's)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise LabelerError(f"labeler: images must be an N×C×H×W tensor, got {shape}")
     x = to_float(images)
-    return x.reshape(x.shape[0], -1)
+    if not bool(torch.isfinite(x).all()):
+        raise LabelerError("labeler: images hold NaN or inf; check the data or the attack that produced them")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise LabelerError("labeler: float images must lie in [0,1]; divide uint8 images by 255")
+    x = x.reshape(x.shape[0], -1)
+    if values is not None and x.shape[1] != values:
+        raise LabelerError(
+            f"labeler: images of {x.shape[1]} values, the reference set's have {values}; resize them to its size"
+        )
+    return x
 
 
 def gram(chunk: torch.Tensor) -> torch.Tensor:
@@ -163,8 +175,13 @@ class KNNLabeler:
         calibrate it, so their residuals are those of unseen clean images.
         """
         x = flatten(images).to(self.device)
-        if x.shape[0] != labels.shape[0]:
-            raise LabelerError(f"labeler: {x.shape[0]} images but {labels.shape[0]} labels")
+        if labels.shape != (x.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise LabelerError(
+                f"labeler: {x.shape[0]} images need {x.shape[0]} integer labels, got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        if x.shape[0] == 0 or int(labels.min()) < 0:
+            raise LabelerError("labeler: the reference set is empty or has negative labels; give labelled images")
         limit = min(x.shape) if holdout is not None else self.max_pca_dims(*x.shape)
         if self.pca_dims > limit:
             raise LabelerError(
@@ -228,8 +245,8 @@ class KNNLabeler:
     def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the nearest reference's index, the k-NN vote alone — the paper's label —, the final labels with fooling
         classes), each N on the CPU, from one search."""
-        _, _, refs, ref_labels = self._fitted()
-        x = flatten(images)
+        mean, _, refs, ref_labels = self._fitted()
+        x = flatten(images, mean.shape[0])
         distances, indices = self._search(self.project(x), refs)
         voted = vote(ref_labels[indices], distances, self.num_classes)
         labels = voted.clone()
@@ -242,6 +259,8 @@ class KNNLabeler:
         n = min(self.fooling_clusters, features.shape[0])
         if n <= 1:
             return torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        from sklearn.cluster import KMeans  # here, not at the top: scikit-learn takes ~1.5 s to import
+
         km = KMeans(n_clusters=n, n_init=4, random_state=self.seed).fit(features.cpu().numpy())
         return torch.from_numpy(km.labels_.astype(np.int64)).to(features.device)
 

@@ -301,6 +301,12 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
             model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
+# Bounds on the numbers that size a model (a checkpoint's metadata holds them): far above any real dataset
+# (ImageNet-21k: 21,841 classes), far below what would exhaust memory before the model is even built.
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 4096
+
+
 def require_image_size(name: str, image_size: int, fix: str) -> None:
     """Refuse images too small for model `name`'s poolings, with `fix` telling how to change them."""
     smallest = MIN_IMAGE_SIZE.get(name, 1)  # an imported model's builder is asked for the size instead
@@ -322,8 +328,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32, flip_average:
         raise ConfigError(
             f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or package.module:builder"
         )
-    if num_classes < 1:
-        raise ConfigError(f"model {name} needs at least one class, got {num_classes}")
+    if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"model {name}: {num_classes!r} classes; a classifier has 1..{MAX_CLASSES:,}")
+    if not isinstance(image_size, int) or image_size > MAX_IMAGE_SIDE:
+        raise ConfigError(f"model {name}: image size {image_size!r}; give whole pixels up to {MAX_IMAGE_SIDE}")
     require_image_size(name, image_size, "set data.image_size to resize them")
     if name not in MODELS:
         return imported_model(ModelSpec(name, num_classes, image_size, flip_average))

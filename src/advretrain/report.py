@@ -14,10 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt
 import torch
 
 from . import paper
@@ -328,16 +324,46 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
     return "\n".join(md + section + threats), csv_rows + cells + threat_cells
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot, imported on first use (~0.8 s: every command would pay it) and drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})  # no version stamp: reproducible
-    plt.close(fig)
+    pyplot().close(fig)
 
 
-def grid_figure(name: str, title: str, file: Path, out: Path) -> None:
-    """Original / adversarial / amplified perturbation for the few test images saved in `file`."""
+FigureData = tuple[dict[str, torch.Tensor], list[str]]
+
+
+def read_figure_data(name: str, file: Path) -> FigureData:
+    """The few images a figure shows and the class names, checked: a damaged file is one line, before any write."""
     t, metadata = read_safetensors(file, f"figure data of {name}")
-    classes = json.loads(metadata["classes"])
+    try:
+        classes = json.loads(metadata["classes"])
+        k = t["clean"].shape[0]
+        shapes_agree = all(t[key].shape[0] == k for key in ("adversarial", "labels", "clean_pred", "adv_pred"))
+        if not shapes_agree or t["clean"].ndim != 4 or t["adversarial"].shape != t["clean"].shape:
+            raise ValueError("its tensors disagree in shape")
+        if not isinstance(classes, list) or int(
+            max(t["clean_pred"].max(), t["adv_pred"].max(), t["labels"].max())
+        ) >= len(classes):
+            raise ValueError("a prediction names no class")
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise AdvretrainError(f"{file}: damaged figure data ({str(exc)[:80]}); rerun `advretrain run` on it") from exc
+    return t, classes
+
+
+def grid_figure(name: str, title: str, data: FigureData, out: Path) -> None:
+    """Original / adversarial / amplified perturbation for the few test images of `data`."""
+    t, classes = data
     k = t["clean"].shape[0]
     delta = t["adversarial"] - t["clean"]
     scale = delta.abs().amax().clamp_min(1e-12)
@@ -346,7 +372,7 @@ def grid_figure(name: str, title: str, file: Path, out: Path) -> None:
         ("adversarial", t["adversarial"], t["adv_pred"]),
         (f"perturbation ×{0.5 / float(scale):.0f}", 0.5 + 0.5 * delta / scale, None),
     ]
-    fig, axes = plt.subplots(3, k, figsize=(1.4 * k, 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(3, k, figsize=(1.4 * k, 4.6), squeeze=False)
     for r, (label, images, preds) in enumerate(panels):
         for c in range(k):
             ax = axes[r][c]
@@ -366,7 +392,7 @@ def grid_figure(name: str, title: str, file: Path, out: Path) -> None:
 
 def perturbation_figure(name: str, u: torch.Tensor, out: Path) -> None:
     """A universal attack's one perturbation (C×H×W), amplified to the full range."""
-    fig, ax = plt.subplots(figsize=(3, 3.2))
+    fig, ax = pyplot().subplots(figsize=(3, 3.2))
     ax.imshow((0.5 + 0.5 * u / u.abs().amax()).permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"{name} universal perturbation\n(L-inf {float(u.abs().amax()) * 255:.1f}/255, amplified)", fontsize=8)
@@ -374,7 +400,7 @@ def perturbation_figure(name: str, u: torch.Tensor, out: Path) -> None:
 
 
 def curves_figure(results: Results, out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for name, attack in results.attacks.items():
         ns = [row.n for row in attack.retrain]
         axes[0].plot(ns, [row.adaptive["fooling_ratio"] for row in attack.retrain], "o-", label=f"{name} adaptive")
@@ -400,12 +426,21 @@ def read_results(run_dir: Path) -> Results:
 
 
 def write_report(run_dir: Path) -> None:
+    """Tables and figures from the record; everything is read and checked before the first file is written."""
     results = read_results(run_dir)
-    md, rows = build_tables(results)
+    try:
+        md, rows = build_tables(results)
+    except (KeyError, TypeError, ValueError) as exc:  # a metric the record should hold is missing or not a number
+        raise AdvretrainError(
+            f"{run_dir / 'results.json'} is damaged ({type(exc).__name__}: {str(exc)[:60]}); rerun `advretrain run`"
+        ) from exc
+    figures = {
+        name: read_figure_data(name, run_dir / "figures" / f"{slug(name)}.safetensors") for name in results.attacks
+    }
     write_text(run_dir / "tables.md", md)
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     write_text(run_dir / "tables.csv", buffer.getvalue())
     for name, attack in results.attacks.items():
-        grid_figure(name, attack.title, run_dir / "figures" / f"{slug(name)}.safetensors", run_dir)
+        grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import AdvretrainError
@@ -19,6 +21,14 @@ from ..models import channels_last
 
 class AttackError(AdvretrainError):
     """Invalid input to an attack (wrong range, shape or dtype)."""
+
+
+# Setting types for attack constructors: the registry's typed settings check these ranges (and finiteness) before
+# any work, from a config, the CLI or `build_attack`.
+LinfBudget = Annotated[float, Field(ge=0, le=1)]  # an L-inf bound in [0,1] pixel units
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]  # steps, epochs, queries, images per batch
 
 
 @dataclass
@@ -51,6 +61,26 @@ def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
         raise AttackError(f"images must lie in [0,1], got [{lo:.3g}, {hi:.3g}]; divide uint8 images by 255")
     if labels.shape != (images.shape[0],):
         raise AttackError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise AttackError(f"labels must be integer class indices, got {labels.dtype}; pass labels.long()")
+    if labels.numel() and int(labels.min()) < 0:
+        raise AttackError(f"labels must be class indices >= 0, got {int(labels.min())}")
+
+
+def check_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Labels within the model's classes (one forward pass of one image, in eval mode, tells how many it has)."""
+    if not labels.numel():
+        return
+    param = next(model.parameters())
+    with torch.no_grad():
+        classes = logits_of(model, images[:1].to(param.device, param.dtype)).shape[1]
+    if int(labels.max()) >= classes:
+        raise AttackError(f"label {int(labels.max())} is out of range for a model of {classes} classes")
+
+
+def empty_result(images: torch.Tensor) -> AttackResult:
+    """What an attack returns for 0 images: nothing crafted, nothing fooled."""
+    return AttackResult(images.detach().clone(), torch.zeros(0, dtype=torch.bool, device=images.device))
 
 
 @contextlib.contextmanager
@@ -79,17 +109,22 @@ def run_batched(
 ) -> AttackResult:
     """Check inputs, freeze the model and run `fn` over chunks of at most `batch_size` images on the model's device."""
     check_inputs(images, labels)
-    device = next(model.parameters()).device
+    if images.shape[0] == 0:
+        return empty_result(images)
+    param = next(model.parameters())
+    device = param.device
     parts = []
     with frozen(model):
+        check_classes(model, images, labels)
         for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device).detach().clone()
+            # in the model's own dtype (float32 unless the user's model is another): float64 images are fine
+            x = images[start : start + batch_size].to(device, param.dtype).detach().clone()
             y = labels[start : start + batch_size].to(device)
             parts.append(fn(x, y))
     result = AttackResult.concat(parts)
     if not bool(torch.isfinite(result.adversarial).all()):  # NaN logits or gradients poison every step after
         raise AttackError("the attack produced NaN or inf images: the model's logits or gradients are not finite")
-    result.adversarial = result.adversarial.to(images.device)
+    result.adversarial = result.adversarial.to(images.device, images.dtype)
     for name in ("success", "targets", "iterations"):
         value = getattr(result, name)
         if value is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttackError, AttackResult, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, NonNegative, Positive, logits_of, run_batched
 
 # (binary_search_steps, steps): the reference's full budget, the 9×1000 default, and a small CPU profile.
 CW_PROFILES: dict[str, tuple[int, int]] = {"full": (9, 10_000), "default": (9, 1_000), "cpu": (5, 100)}
@@ -37,15 +37,15 @@ class CarliniWagnerL2:
     def __init__(
         self,
         *,
-        binary_search_steps: int = 9,
-        steps: int = 1000,
-        lr: float = 0.01,
-        initial_const: float = 1e-3,
-        confidence: float = 0.0,
+        binary_search_steps: Count = 9,
+        steps: Count = 1000,
+        lr: Positive = 0.01,
+        initial_const: Positive = 1e-3,
+        confidence: NonNegative = 0.0,
         targeted: bool = True,
         abort_early: bool = True,
         per_image_abort: bool = False,
-        batch_size: int = 256,
+        batch_size: Count = 256,
     ) -> None:
         if binary_search_steps < 1 or steps < 1 or lr <= 0 or initial_const <= 0 or confidence < 0:
             raise AttackError("cw: need binary_search_steps, steps >= 1 and lr, initial_const > 0, confidence >= 0")

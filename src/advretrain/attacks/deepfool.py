@@ -6,10 +6,13 @@ its *predicted* class, so misclassified images are attacked too and the fooling 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from .base import AttackError, AttackResult, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, NonNegative, logits_of, run_batched
 
 
 class DeepFool:
@@ -25,7 +28,12 @@ class DeepFool:
     name = "deepfool"
 
     def __init__(
-        self, *, steps: int = 50, candidates: int = 10, overshoot: float = 0.02, batch_size: int = 256
+        self,
+        *,
+        steps: Count = 50,
+        candidates: Annotated[int, Field(ge=2)] = 10,
+        overshoot: NonNegative = 0.02,
+        batch_size: Count = 256,
     ) -> None:
         if steps < 1 or candidates < 2 or overshoot < 0:
             raise AttackError(

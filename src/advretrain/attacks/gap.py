@@ -12,17 +12,18 @@ import logging
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 
 from ..data import to_float
 from ..metrics import predict
 from ..runtime.distributed import all_sum, block, broadcast_state, data_parallel, global_batch_mean, world_size
-from .base import AttackError, AttackResult, check_inputs, frozen, logits_of
+from .base import AttackError, AttackResult, Count, Positive, check_inputs, empty_result, frozen, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -111,22 +112,22 @@ class GAP:
     def __init__(
         self,
         *,
-        eps: float = 10 / 255,
-        lr: float = 0.002,
-        epochs: int = 10,
-        batch_size: int = 30,
-        max_iter: int | None = None,
-        holdout: int = 5000,
+        eps: Annotated[float, Field(gt=0, le=1)] = 10 / 255,
+        lr: Positive = 0.002,
+        epochs: Count = 10,
+        batch_size: Count = 30,
+        max_iter: Count | None = None,
+        holdout: Count = 5000,
         loss: Literal["least-likely", "untargeted"] = "least-likely",
         init: Literal["reference", "pytorch"] = "reference",
-        ngf: int = 64,
+        ngf: Count = 64,
         seed: int = 0,
-        eval_batch_size: int = 512,
+        eval_batch_size: Count = 512,
         progress: bool = False,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
-        if eps <= 0 or lr <= 0 or epochs < 1 or batch_size < 1 or holdout < 1:
-            raise AttackError("gap: need eps, lr > 0 and epochs, batch_size, holdout >= 1")
+        if not 0 < eps <= 1 or lr <= 0 or epochs < 1 or batch_size < 1 or holdout < 1:
+            raise AttackError("gap: need 0 < eps <= 1, lr > 0 and epochs, batch_size, holdout >= 1")
         if max_iter is not None and max_iter < 1:
             raise AttackError("gap: max_iter must be >= 1, or None for full passes")
         self.eps, self.lr, self.epochs, self.batch_size, self.max_iter = eps, lr, epochs, batch_size, max_iter
@@ -254,6 +255,8 @@ class GAP:
         if self.perturbation is None:
             raise AttackError("gap: not fitted; call GAP(...).fit(model, train_images) or load() a fitted one")
         check_inputs(images, labels)
+        if images.shape[0] == 0:
+            return empty_result(images)
         if images.shape[1:] != self.perturbation.shape[1:]:
             raise AttackError(
                 f"gap: perturbation is {tuple(self.perturbation.shape[1:])}, images are "
@@ -277,8 +280,12 @@ class GAP:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> GAP:
         try:
-            self.ngf = int(metadata.get("ngf", self.ngf))
+            # the generator's width from its first conv's weights (ngf×3×7×7), never from a number in the metadata:
+            # what is allocated is then bounded by what the file holds
+            self.ngf = int(tensors["generator.net.1.weight"].shape[0])
             self.eps = float(metadata.get("eps", self.eps))
+            if not 0 < self.eps <= 1:
+                raise ValueError(f"eps {self.eps!r} outside (0, 1]")
             self.perturbation, self.noise = tensors["perturbation"], tensors["noise"]
             self.history = list(json.loads(metadata.get("history", "[]")))  # none in states saved before it
             self.generator = ResnetGenerator(self.ngf)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttackError, AttackResult, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, LinfBudget, Positive, logits_of, run_batched
 
 
 class LinfGradientSign:
@@ -15,11 +15,18 @@ class LinfGradientSign:
     name = "linf"
 
     def __init__(
-        self, *, eps: float, step_size: float, steps: int, random_start: bool, batch_size: int = 512, seed: int = 0
+        self,
+        *,
+        eps: LinfBudget,
+        step_size: Positive,
+        steps: Count,
+        random_start: bool,
+        batch_size: Count = 512,
+        seed: int = 0,
     ) -> None:
-        if eps < 0 or step_size <= 0 or steps < 1:
+        if not 0 <= eps <= 1 or step_size <= 0 or steps < 1:
             raise AttackError(
-                f"{self.name}: need eps >= 0, step_size > 0, steps >= 1 (got {eps}, {step_size}, {steps})"
+                f"{self.name}: need 0 <= eps <= 1, step_size > 0, steps >= 1 (got {eps}, {step_size}, {steps})"
             )
         self.eps, self.step_size, self.steps = eps, step_size, steps
         self.random_start, self.batch_size, self.seed = random_start, batch_size, seed
@@ -59,7 +66,7 @@ class FGSM(LinfGradientSign):
 
     name = "fgsm"
 
-    def __init__(self, *, eps: float = 0.07, batch_size: int = 512) -> None:
+    def __init__(self, *, eps: LinfBudget = 0.07, batch_size: Count = 512) -> None:
         super().__init__(eps=eps, step_size=max(eps, 1e-12), steps=1, random_start=False, batch_size=batch_size)
 
 
@@ -74,11 +81,11 @@ class PGD(LinfGradientSign):
     def __init__(
         self,
         *,
-        eps: float = 8 / 255,
-        step_size: float = 2 / 255,
-        steps: int = 10,
+        eps: LinfBudget = 8 / 255,
+        step_size: Positive = 2 / 255,
+        steps: Count = 10,
         random_start: bool = True,
-        batch_size: int = 512,
+        batch_size: Count = 512,
         seed: int = 0,
     ) -> None:
         super().__init__(

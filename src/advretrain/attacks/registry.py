@@ -92,7 +92,7 @@ class AttackSpec:
 def settings_model(cls: type) -> type[BaseModel]:
     """A frozen pydantic model of `cls`'s keyword arguments, with the constructor's annotations and defaults."""
     try:
-        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)  # type: ignore[misc]
     except (NameError, TypeError):  # annotations that do not resolve: keep the defaults, accept any value
         hints = {}
     fields: dict[str, Any] = {}
@@ -101,7 +101,8 @@ def settings_model(cls: type) -> type[BaseModel]:
             continue
         default = ... if param.default is param.empty else param.default
         fields[name] = (hints.get(name, Any), default)
-    config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # NaN and infinity are never a setting; `Annotated[float, Field(...)]` in a signature adds its range
+    config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
     return create_model(f"{cls.__name__}Settings", __config__=config, **fields)
 
 

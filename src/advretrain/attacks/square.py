@@ -11,11 +11,13 @@ and signs whatever batch, shard or process it is attacked in, and whatever other
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from .base import AttackError, AttackResult, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, logits_of, run_batched
 
 _MASK32 = 0xFFFFFFFF
 # p_init is halved at these shares of the query budget (in 1/10,000; the reference's schedule).
@@ -66,11 +68,11 @@ class Square:
     def __init__(
         self,
         *,
-        eps: float = 8 / 255,
-        max_queries: int = 5000,
-        p_init: float = 0.8,
+        eps: Annotated[float, Field(gt=0, le=1)] = 8 / 255,
+        max_queries: Count = 5000,
+        p_init: Annotated[float, Field(gt=0, le=1)] = 0.8,
         seed: int = 0,
-        batch_size: int = 512,
+        batch_size: Count = 512,
     ) -> None:
         if not (0 < eps <= 1) or max_queries < 1 or not (0 < p_init <= 1) or batch_size < 1:
             raise AttackError(

@@ -68,23 +68,36 @@ def _key(batch: dict[Any, Any], name: str, where: str) -> Any:
     raise DataError(f"{where}: missing field {name!r}; not a CIFAR python batch")
 
 
+def cifar_batch(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unpickled CIFAR batch → uint8 N×3×32×32 images and int64 N labels, its types checked."""
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: not a CIFAR python batch (no dict inside); download the dataset again")
+    data, labels = _key(batch, "data", where), _key(batch, "labels", where)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"{where}: data is not a uint8 array ({type(data).__name__}); not a CIFAR python batch")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{where}: data has shape {data.shape}, expected N×3072; download the dataset again")
+    if not isinstance(labels, list | np.ndarray) or not all(isinstance(v, int | np.integer) for v in labels):
+        raise DataError(f"{where}: labels are not a list of integers; not a CIFAR python batch")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(list(labels), dtype=torch.int64)
+
+
 def parse_cifar(tree: Tree, split: Split, image_size: int | None = None) -> Parsed:
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for name in files:
         if not tree.has(name):
             raise DataError(f"{tree.describe(name)}: missing CIFAR batch; the dataset is incomplete")
-        batch = safe_unpickle(tree.read(name), tree.describe(name))
-        if not isinstance(batch, dict):
-            raise DataError(f"{tree.describe(name)}: not a CIFAR python batch (no dict inside)")
-        data = np.asarray(_key(batch, "data", tree.describe(name)), dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"{tree.describe(name)}: data has shape {data.shape}, expected N×3072")
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(list(_key(batch, "labels", tree.describe(name))), dtype=torch.int64))
+        x, y = cifar_batch(safe_unpickle(tree.read(name), tree.describe(name)), tree.describe(name))
+        images.append(x)
+        labels.append(y)
     meta = safe_unpickle(tree.read("batches.meta"), tree.describe("batches.meta")) if tree.has("batches.meta") else {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{tree.describe('batches.meta')}: not a CIFAR meta file (no dict inside); download it again")
     raw = _key(meta, "label_names", tree.describe("batches.meta"))
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in raw]
+    if not isinstance(raw, list | tuple) or not all(isinstance(c, bytes | str) for c in raw):
+        raise DataError(f"{tree.describe('batches.meta')}: label_names is not a list of names; download it again")
+    classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in raw]
     x, y = torch.cat(images), torch.cat(labels)
     if x.shape[0] != y.shape[0] or (y.numel() and (y.min() < 0 or y.max() >= len(classes))):
         raise DataError(f"{tree.location}: labels do not match images or classes; download the dataset again")
@@ -164,9 +177,13 @@ def parse_tinyimagenet(tree: Tree, split: Split, image_size: int | None = None) 
             labels += [index[wnid]] * len(files)
     else:
         rows = sorted(_lines(tree, "val/val_annotations.txt"))
-        unknown = [r[1] for r in rows if len(r) < 2 or r[1] not in index]
+        where = tree.describe("val/val_annotations.txt")
+        short = [r for r in rows if len(r) < 2]
+        if short:
+            raise DataError(f"{where}: line {short[0][0][:40]!r} has one column; write <file><TAB><wnid> on each line")
+        unknown = [r[1] for r in rows if r[1] not in index]
         if unknown:
-            raise DataError(f"{tree.describe('val/val_annotations.txt')}: class {unknown[0]!r} not in wnids.txt")
+            raise DataError(f"{where}: class {unknown[0][:40]!r} not in wnids.txt; fix the annotations")
         names = [f"val/images/{r[0]}" for r in rows]
         labels = [index[r[1]] for r in rows]
     classes = [words.get(w, w) for w in wnids]

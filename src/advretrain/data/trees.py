@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import DataError
+from .limits import check_file_bytes, check_total_bytes, regular_file_size
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
@@ -60,14 +61,21 @@ class Tree:
 
     def has_dir(self, folder: str) -> bool:
         start = self.prefix + folder.strip("/") + "/"
-        return any(name.startswith(start) for name in self.files)
+        return any(name.startswith(start) for name in self.files) or start.rstrip("/") in self.dirs
 
     def read(self, name: str) -> bytes:
         full = self.prefix + name
-        if self._dir is not None:
-            return (self._dir / full).read_bytes()
-        if self._zip is not None:
-            return self._zip.read(full)
+        try:
+            if self._dir is not None:
+                path = self._dir / full
+                regular_file_size(path, self.describe(name))  # a FIFO would block, a device read forever
+                return path.read_bytes()
+            if self._zip is not None:
+                return self._zip.read(full)
+        except OSError as exc:
+            raise DataError(f"{self.describe(name)}: cannot be read ({exc.strerror or exc}); check the file") from exc
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as exc:  # CRC, password, method
+            raise DataError(f"{self.describe(name)}: damaged or encrypted member ({exc}); repack the archive") from exc
         return self._members[full]
 
     def describe(self, name: str) -> str:
@@ -84,10 +92,13 @@ def open_tree(path: Path) -> Tree:
     if path.is_dir():
         files: list[str] = []
         dirs: list[str] = []
+        total = 0
         for dirpath, dirnames, filenames in os.walk(path):
             rel = PurePosixPath(Path(dirpath).relative_to(path))
             files += [str(rel / f) for f in filenames]
             dirs += [str(rel / d) for d in dirnames]
+            total += sum(regular_file_size(Path(dirpath) / f, f"{Path(dirpath) / f}") for f in filenames)
+        check_total_bytes(total, str(path))
         return Tree(path, sorted(files), sorted(dirs), _dir=path)
     name = path.name.lower()
     if name.endswith(".zip"):
@@ -101,6 +112,9 @@ def _open_zip(path: Path) -> Tree:
     try:
         archive = zipfile.ZipFile(path)
         infos = archive.infolist()
+        for info in infos:  # declared sizes, before anything is inflated
+            check_file_bytes(info.file_size, f"{path}:{info.filename}")
+        check_total_bytes(sum(i.file_size for i in infos), str(path))
         names = [_checked_member(path, i.filename) for i in infos if not i.is_dir()]
         dirs = [_checked_member(path, i.filename.rstrip("/")) for i in infos if i.is_dir()]
     except (zipfile.BadZipFile, OSError) as exc:
@@ -111,9 +125,13 @@ def _open_zip(path: Path) -> Tree:
 def _open_tar(path: Path) -> Tree:
     members: dict[str, bytes] = {}
     dirs: list[str] = []
+    total = 0
     try:
         with tarfile.open(path) as archive:  # streamed once: compressed tars have no random access
             for info in archive:
+                check_file_bytes(info.size, f"{path}:{info.name}")  # declared sizes, before inflating each
+                total += info.size
+                check_total_bytes(total, str(path))
                 if info.issym() or info.islnk():
                     raise DataError(f"{path}: member {info.name!r} is a link; refusing an archive with links")
                 if info.isdir():
@@ -149,7 +167,14 @@ def fingerprint(path: Path) -> str:
                 if not entry.is_symlink():  # a linked folder is listed by os.walk but not entered
                     walk(entry.path, f"{prefix}{entry.name}/")
                 continue
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # a dangling link, or a file gone since the listing
+                raise DataError(
+                    f"{entry.path}: a broken link (its target does not exist); remove it or fix the link"
+                ) from None
+            except OSError as exc:
+                raise DataError(f"{entry.path}: cannot be read ({exc.strerror}); check its permissions") from exc
             parts.append(f"{prefix}{entry.name}:{st.st_size}:{st.st_mtime_ns}")
 
     walk(str(path), "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import platform
 import subprocess
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import AdvretrainError
-from .io import write_yaml
+from .io import parse_yaml, read_text_file, remove_stale_temporaries, write_yaml
+
+log = logging.getLogger("advretrain")
 
 
 @contextlib.contextmanager
@@ -35,6 +37,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         raise AdvretrainError(
             f"{run_dir} is in use by another advretrain run; wait for it or choose another --out"
         ) from exc
+    removed = remove_stale_temporaries(run_dir)  # no writer is alive while we hold the lock
+    if removed:
+        log.info("removed %d temporary file(s) a killed writer left in %s", removed, run_dir)
     try:
         yield
     finally:
@@ -59,10 +64,7 @@ def record_config(run_dir: Path, config: BaseModel) -> None:
     """
     path = run_dir / "config.yaml"
     if path.exists():
-        try:
-            same = same_config(yaml.safe_load(path.read_text()), config)
-        except yaml.YAMLError as exc:
-            raise AdvretrainError(f"{path} is not a config this version reads; use a fresh --out") from exc
+        same = same_config(parse_yaml(read_text_file(path, "run record"), str(path)), config)
         if same is None:
             raise AdvretrainError(f"{path} is not a config this version reads; use a fresh --out")
         if not same:
