@@ -100,3 +100,24 @@ def test_a_recorded_config_without_a_newer_key_still_matches(tmp_path: Path) -> 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     record_config(tmp_path, cfg)  # accepted: the missing key takes its default
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["compile"] is False
+
+
+def test_configs_lists_every_shipped_config_in_one_line_each() -> None:
+    proc = run_cli("configs")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    shipped = Path(__file__).parents[1] / "src" / "advretrain" / "configs"
+    assert [line.split()[0] for line in lines] == sorted(p.stem for p in shipped.glob("*.yaml"))
+    assert any(line.startswith("cpu-quick") and "2-core CPU" in line for line in lines)
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path: Path) -> None:
+    import yaml
+
+    proc = run_cli("run", "--print-config", "--config", "cpu-quick", "train.epochs=3", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["epochs"] == 3 and printed["data"]["train_per_class"] == 800
+    assert printed["threats"]["query"] == ["square"] and not (tmp_path / "r").exists()
+    proc = run_cli("train", "--print-config", "train.lr=0.1")
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["train"]["lr"] == 0.1

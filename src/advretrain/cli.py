@@ -11,19 +11,21 @@ from pathlib import Path
 
 import click
 import torch
+import yaml
+from pydantic import BaseModel
 
 from . import __version__
 from .advset import craft_adversarial_set, load_adversarial_set
 from .attacks import ATTACKS, get_attack
 from .checkpoint import load_model, train_resumable
-from .config import TrainJob, build_config, parse_overrides
+from .config import TrainJob, build_config, packaged_configs, parse_overrides, to_yaml_dict
 from .data import NAMED, data_root, load_dataset, resolve, to_float
 from .data.download import REMOTES, download, md5sum
 from .errors import AdvretrainError
 from .fooling import noise_images
 from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics, evaluate
-from .pipeline import load_split, run
+from .pipeline import load_split, resolve_config, run
 from .pipeline.run import require_out
 from .report import write_report
 from .runtime.device import resolve_device
@@ -57,6 +59,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder; rerun with it to resume.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Overrides the config's device.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML) and exit.")
 @click.argument("overrides", nargs=-1)
 @click.pass_context
 def train_cmd(
@@ -64,10 +67,14 @@ def train_cmd(
     config_path: str | None,
     out: str | None,
     device: str | None,
+    print_config: bool,
     overrides: tuple[str, ...],
 ) -> None:
     """Train a classifier. OVERRIDES are section.key=value, e.g. train.epochs=5 data.dataset=cifar10."""
     job = build_config(TrainJob, config_path, (*overrides, *([f"device={device}"] if device else [])))
+    if print_config:
+        click.echo(yaml_text(job), nl=False)
+        return
     dev = init_distributed(resolve_device(job.device))  # under torchrun: DDP over the ranks
     require_out(out)
     out_dir = Path(out) if out else fresh_dir("train")
@@ -107,19 +114,41 @@ def train_cmd(
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory; rerun with it to resume.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Overrides the config's device.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML) and exit.")
 @click.argument("overrides", nargs=-1)
 @click.pass_context
 def run_cmd(
-    ctx: click.Context, config_name: str, out: str | None, device: str | None, overrides: tuple[str, ...]
+    ctx: click.Context,
+    config_name: str,
+    out: str | None,
+    device: str | None,
+    print_config: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """The paper's whole protocol: baseline, attacks, labels, retraining, evaluation, Tables 1-7 and figures."""
+    every = (*overrides, *([f"device={device}"] if device else []))
+    if print_config:
+        click.echo(yaml_text(resolve_config(config_name, every)), nl=False)
+        return
     require_out(out)
     run_dir = Path(out) if out else fresh_dir("run")
-    run(config_name, run_dir, (*overrides, *([f"device={device}"] if device else [])), not ctx.obj["quiet"])
+    run(config_name, run_dir, every, not ctx.obj["quiet"])
     main_rank = is_main()  # asked before the process group is gone: after it, every process looks like rank 0
     shutdown()
     if main_rank:
         click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
+
+
+@cli.command("configs")
+def configs_cmd() -> None:
+    """The shipped configs, one line each: name and what it is for (`--config NAME` takes them)."""
+    for name, path in packaged_configs().items():
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "#")
+        click.echo(f"{name:30s} {first.lstrip('# ').strip()}")
+
+
+def yaml_text(config: BaseModel) -> str:
+    return yaml.safe_dump(to_yaml_dict(config), sort_keys=False)
 
 
 @cli.command("report")
