@@ -535,6 +535,73 @@ def _(tmp: Path) -> tuple[list[str], list[str]]:
     return train_on(images(tmp)), ["is in use by another advretrain run"]
 
 
+@case("resources/yaml-alias-bomb-in-a-run-record")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "config.yaml").write_text(yaml_alias_bomb())
+    return ["run", "--out", str(tmp / "r")], ["config.yaml", "aliases expand it past"]
+
+
+@case("silent/labeling-adversarials-that-hold-nan")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    adv = tmp / "adv"
+    adv.mkdir()
+    tensors = {
+        "adversarial": torch.full((2, 3, 16, 16), float("nan")),
+        "indices": torch.arange(2),
+        "labels": torch.zeros(2, dtype=torch.long),
+        "targets": torch.full((2,), -1),
+        "success": torch.ones(2, dtype=torch.bool),
+    }
+    save_safetensors(adv / "shard-00000.safetensors", tensors, {})
+    (adv / "meta.json").write_text(json.dumps({"shards": ["shard-00000.safetensors"]}))
+    args = ["label", "--adversarial", str(adv), "--reference", str(images(tmp, per_class=10)), "--out", "l.safetensors"]
+    return [*args, "--pca-dims", "5"], ["NaN or inf"]
+
+
+@case("silent/white-box-attack-listed-as-query-only")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["run", "threats.query=[pgd]"], ["threats.query.0", "pgd is not a query-only attack"]
+
+
+@case("silent/surrogate-that-would-be-f0")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["run", "threats.surrogate_seed=0"], ["the surrogate would be f0 itself"]
+
+
+@case("tracebacks/report-on-a-record-that-is-a-list")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text("[1, 2]")
+    return ["report", str(tmp / "r")], ["results.json"]
+
+
+@case("tracebacks/report-with-its-figure-data-missing")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    from advretrain.results import AttackResults, Results, RetrainRow
+
+    metrics = {"fooling_ratio": 0.5, "fooling_ratio_8bit": 0.5, "success_on_correct": 0.5, "l2_median": 0.1}
+    metrics |= {"adversarial_accuracy": 0.4}
+    row = RetrainRow(10, 0.5, 0.4, metrics, metrics, None)
+    attack = AttackResults("FGSM", "white-box", {}, metrics, {}, [row])
+    record = Results("cifar10-sample", 10, "small", 100, 10, 0.5, "scratch", "oracle", {"fgsm": attack})
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text(json.dumps(record.to_dict()))
+    return ["report", str(tmp / "r")], ["figures/fgsm.safetensors", "figure data of fgsm"]
+
+
+@case("tracebacks/report-on-a-record-missing-a-metric")
+def _(tmp: Path) -> tuple[list[str], list[str]]:
+    from advretrain.results import AttackResults, Results, RetrainRow
+
+    row = RetrainRow(10, 0.5, 0.4, {}, {}, None)
+    attack = AttackResults("FGSM", "white-box", {}, {}, {}, [row])
+    record = Results("cifar10-sample", 10, "small", 100, 10, 0.5, "scratch", "oracle", {"fgsm": attack})
+    (tmp / "r").mkdir()
+    (tmp / "r" / "results.json").write_text(json.dumps(record.to_dict()))
+    return ["report", str(tmp / "r")], ["results.json is damaged", "KeyError"]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_cli_case(name: str, tmp_path: Path) -> None:
     made = CASES[name](tmp_path)
@@ -558,7 +625,7 @@ def test_hostile_cli_case(name: str, tmp_path: Path) -> None:
 
 
 def test_the_second_pass_is_large() -> None:
-    assert len(CASES) >= 55
+    assert len(CASES) >= 60
 
 
 # ---- 3. silent wrong results, checked on the values ------------------------------------------------------------
