@@ -149,3 +149,46 @@ def evaluation_images(test: advretrain.ImageDataset, n: int) -> tuple[torch.Tens
 
     subset = evaluation_subset(ExperimentConfig(test_images=n), test)
     return subset.images, subset.labels
+
+
+def test_a_trained_model_is_used_as_f0_without_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from advretrain.checkpoint import save_model
+    from advretrain.metrics import evaluate
+    from advretrain.pipeline import load_split, resolve_config
+
+    cheap = [*TINY, "attacks=[fgsm]", "retrain.sizes={fgsm: [20]}", "threats.query=[]", "threats.transfer=[]"]
+    cfg = resolve_config("default", cheap)
+    train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    torch.manual_seed(5)
+    mine = cfg.model.build(train_set.num_classes, train_set.image_size).eval()
+    state_file = tmp_path / "mine.pt"
+    torch.save(mine.state_dict(), state_file)  # a plain state_dict, as a training script saves it
+    expected = evaluate(mine, test_set.images, test_set.labels)
+    caplog.set_level(logging.INFO, logger="advretrain")
+    results = advretrain.run("default", tmp_path / "r", [*cheap, f"model.checkpoint={state_file}"])
+    assert results.baseline_accuracy == expected
+    f0_folder = next((tmp_path / "r" / "stages").glob("baseline-*"))
+    assert not (f0_folder / "train_state.pt").exists()  # nothing was trained
+    assert "(not trained here)" in caplog.text
+    f0 = advretrain.load_model(f0_folder)
+    assert all(torch.equal(a, b) for a, b in zip(f0.state_dict().values(), mine.state_dict().values(), strict=True))
+    # the same weights as advretrain writes them: a model.safetensors with its spec
+    save_model(tmp_path / "m" / "model.safetensors", mine)
+    again = advretrain.run("default", tmp_path / "r2", [*cheap, f"model.checkpoint={tmp_path / 'm'}"])
+    assert again.baseline_accuracy == expected
+
+
+def test_a_checkpoint_of_another_architecture_names_the_first_key(tmp_path: Path) -> None:
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    other(torch.rand(1, 3, 32, 32))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    proc = advretrain_cli("run", "--out", str(tmp_path / "r"), *TINY, f"model.checkpoint={tmp_path / 'other.pt'}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "other.pt: does not fit a small with 10 classes (missing key" in err and "Traceback" not in err
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04not a state dict")
+    proc = advretrain_cli("run", "--out", str(tmp_path / "r2"), *TINY, f"model.checkpoint={tmp_path / 'evil.pt'}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "loads with weights_only=True" in err, err

@@ -78,6 +78,82 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     return model.to(device).eval()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks: a user's checkpoint is identified by its bytes, not its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    file = Path(path)
+    file = file / MODEL_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise CheckpointError(f"model.checkpoint {file} is not a file; give a trained model's file or folder")
+    return file
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name from a safetensors file or a PyTorch file (`weights_only=True`: no code runs)."""
+    if file.suffix == ".safetensors":
+        try:
+            return read_safetensors(file, "checkpoint")[0]
+        except AdvretrainError as exc:
+            raise CheckpointError(str(exc)) from exc
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an untrusted file: any failure to read it is the file's fault
+        raise CheckpointError(
+            f"{file}: not a PyTorch state_dict that loads with weights_only=True ({type(exc).__name__}); save "
+            "model.state_dict() with torch.save or safetensors"
+        ) from exc
+    for key in ("state_dict", "model"):  # the usual wrappers of training scripts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: holds no state_dict (names → tensors); save model.state_dict()")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}  # DDP's prefix
+
+
+def load_weights_into(model: Classifier, state: dict[str, torch.Tensor], file: Path) -> Classifier:
+    """`state` into `model` (or, for a user's network, into the network itself), strictly; a mismatch names the
+    first missing or unexpected key."""
+    net = getattr(model, "net", None)
+    target: torch.nn.Module = net if isinstance(net, torch.nn.Module) and set(state) == set(net.state_dict()) else model
+    expected = set(target.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise CheckpointError(
+            f"{file}: does not fit a {model.spec.name} with {model.spec.num_classes} classes ({which}; "
+            f"{len(missing)} missing, {len(unexpected)} unexpected); set model.name and the data to its architecture"
+        )
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:120])
+        raise CheckpointError(f"{file}: {first}; set model.name and the data to its architecture") from exc
+    return model
+
+
+def load_pretrained(path: str | os.PathLike[str], model: Classifier) -> Classifier:
+    """A user's trained model as f0: `model` (built from the config) with the weights of `path`, which is a model
+    written by `advretrain train` (its folder or model.safetensors), a safetensors file or a PyTorch state_dict."""
+    file = checkpoint_file(path)
+    if file.suffix == ".safetensors" and "spec" in read_metadata(file):  # written by advretrain: it knows its model
+        trained = load_model(file)
+        ours, theirs = model.spec, trained.spec
+        if (theirs.name, theirs.num_classes, theirs.image_size) != (ours.name, ours.num_classes, ours.image_size):
+            raise CheckpointError(
+                f"{file} holds a {theirs.name} for {theirs.num_classes} classes at {theirs.image_size}px; the config "
+                f"asks for a {ours.name} for {ours.num_classes} at {ours.image_size}px; set model.name and the data"
+            )
+        return trained
+    return load_weights_into(model, read_state_dict(file), file)
+
+
 def fingerprint(model: Classifier, data: ImageDataset) -> str:
     """What a training job trains: the model's architecture and the exact training data (its config is kept apart).
 

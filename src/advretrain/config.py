@@ -70,6 +70,11 @@ class ModelConfig(Frozen):
     flip_average: bool = Field(
         False, description="average the logits of each image and its mirror at inference (2 passes per image)"
     )
+    checkpoint: str | None = Field(
+        None,
+        description="a trained model used as f0 instead of training one: a model written by `advretrain train`, "
+        "or a safetensors or PyTorch state_dict of this architecture",
+    )
 
     @field_validator("name")
     @classmethod
@@ -128,6 +133,12 @@ class TrainJob(Frozen):
     train: TrainConfig = TrainConfig()
     device: Device = "auto"
     compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
+
+    @model_validator(mode="after")
+    def _trains_from_scratch(self) -> TrainJob:
+        if self.model.checkpoint is not None:
+            raise ValueError("model.checkpoint gives `advretrain run` its f0; `train` trains from scratch, remove it")
+        return self
 
 
 def _paper_attacks() -> tuple[str, ...]:

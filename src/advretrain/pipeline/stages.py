@@ -21,7 +21,15 @@ import torch
 
 from ..advset import AdversarialSet, craft_adversarial_set, is_complete, load_adversarial_set
 from ..attacks import ROBUSTNESS_ATTACK, AttackSpec, get_attack, slug
-from ..checkpoint import load_model, train_resumable
+from ..checkpoint import (
+    MODEL_FILE,
+    checkpoint_file,
+    file_digest,
+    load_model,
+    load_pretrained,
+    save_model,
+    train_resumable,
+)
 from ..config import ExperimentConfig, ModelConfig, TrainConfig
 from ..data import ImageDataset, to_float
 from ..labeler import KNNLabeler
@@ -111,13 +119,22 @@ def baseline(
     """A classifier trained on the clean training set: f0 (the config's model and recipe), or a surrogate."""
     cfg = run.cfg
     model_cfg, recipe = model_cfg or cfg.model, recipe or cfg.train
-    key = digest(cfg.data, model_cfg, recipe)
+    given = model_cfg.checkpoint
+    key = digest(cfg.data, model_cfg, recipe, *([file_digest(checkpoint_file(given))] if given else []))
     folder = run.stage(f"{role}-{key}")
 
     def compute() -> Classifier:
+        model = model_cfg.build(train_set.num_classes, train_set.image_size)
+        if given:  # the user's trained model: measured, and kept in the stage like one trained here
+            log.info("%s: %s from %s (not trained here) → %s", role, model_cfg.name, given, folder)
+            model = load_pretrained(given, model).to(run.device).eval()
+            accuracy = evaluate(model, test_set.images, test_set.labels, recipe.eval_batch_size)
+            if is_main():
+                save_model(folder / MODEL_FILE, model, {"checkpoint": str(given)})
+                write_json(folder / "metrics.json", {"test_accuracy": accuracy, "checkpoint": str(given)})
+            return model
         log.info("%s: training %s on %d images → %s", role, model_cfg.name, len(train_set), folder)
         torch.manual_seed(recipe.seed)
-        model = model_cfg.build(train_set.num_classes, train_set.image_size)
         return train_resumable(model, train_set, recipe, run.device, folder, test_set, run.progress, cfg.compile).model
 
     def record(_: Classifier) -> dict[str, Any]:

@@ -68,7 +68,8 @@ def surrogate_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -
     """A classifier the attacker trains on the same data: the configured model and recipe, another seed."""
     cfg = run.cfg
     seed = cfg.train.seed + 1 if cfg.threats.surrogate_seed is None else cfg.threats.surrogate_seed
-    model = cfg.model.model_copy(update={"name": cfg.threats.surrogate_model or cfg.model.name})
+    # the attacker's own model, trained here: never the user's f0 checkpoint
+    model = cfg.model.model_copy(update={"name": cfg.threats.surrogate_model or cfg.model.name, "checkpoint": None})
     return baseline(run, train_set, test_set, model, cfg.train.model_copy(update={"seed": seed}), "surrogate")
 
 
