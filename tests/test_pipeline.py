@@ -36,7 +36,8 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
 
 
 def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:
-    before = {name: (finished_run / name).read_bytes() for name in ("tables.md", "tables.csv", "figure_vs_n.png")}
+    names = ("tables.md", "tables.csv", "figure_vs_n.png", "report.html")
+    before = {name: (finished_run / name).read_bytes() for name in names}
     for name in before:
         (finished_run / name).unlink()
     finish(advretrain("report", str(finished_run)))
@@ -197,3 +198,50 @@ def test_a_query_attack_listed_as_transfer_and_a_surrogate_that_is_f0_are_refuse
         proc = advretrain("run", "--out", str(tmp_path / "r"), *TINY, override)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and message in err, err
+
+
+def test_report_html_is_one_self_contained_page_with_every_table_figure_and_answer(finished_run: Path) -> None:
+    import base64
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.links: list[tuple[str, str]] = []  # (tag, src or href)
+            self.images: list[str] = []
+            self.tables = 0
+            self.answer = ""
+            self._in_answer = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            found = dict(attrs)
+            self.links += [(tag, str(found[k])) for k in ("src", "href") if found.get(k)]
+            self.images += [str(found["src"])] if tag == "img" else []
+            self.tables += tag == "table"
+            self._in_answer = self._in_answer or found.get("class") == "answer"
+
+        def handle_endtag(self, tag: str) -> None:
+            self._in_answer = self._in_answer and tag != "section"
+
+        def handle_data(self, data: str) -> None:
+            self.answer += data if self._in_answer else ""
+
+    text = (finished_run / "report.html").read_text()
+    page = Page()
+    page.feed(text)
+    assert not [link for link in page.links if "http://" in link[1] or "https://" in link[1]]
+    assert "<script" not in text and "@import" not in text and "url(" not in text  # nothing fetched, nothing run
+    tables_md = (finished_run / "tables.md").read_text().splitlines()
+    headers = [tables_md[i - 1] for i, line in enumerate(tables_md) if line.startswith("|---")]
+    assert page.tables == len(headers) >= 6  # Tables 1, 3, 4, 5, 7 and the threat models
+    for header in headers:
+        first_cell = header.strip("| ").split(" | ")[0]
+        assert f"<th>{first_cell}</th>" in text, first_cell
+    pngs = sorted(finished_run.glob("figure_*.png"))
+    assert len(page.images) == len(pngs) >= 6
+    for png in pngs:
+        assert "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode() in page.images, png.name
+    results = json.loads((finished_run / "results.json").read_text())
+    for attack in results["attacks"].values():  # one computed sentence per attack, plus the threat models'
+        assert attack["title"] + ": retrained on N=20" in page.answer, attack["title"]
+    assert page.answer.count("Threat models, ") == len(results["attacks"])

@@ -7,7 +7,9 @@ paper's, with "—" in the paper's columns.
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import json
 import math
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import paper
+from . import __version__, paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
 from .results import AttackResults, Metrics, Results, ThreatModels
@@ -416,6 +418,82 @@ def curves_figure(results: Results, out: Path) -> None:
     save_figure(fig, out / "figure_vs_n.png")
 
 
+def verdict(before: float, after: float) -> str:
+    return "stops" if after <= STOPPED * before else "weakens" if after <= WEAKENED * before else "does not stop"
+
+
+def summary(results: Results) -> list[str]:
+    """The answer in plain words (Markdown), one sentence per attack from its largest N, then the threat models."""
+    fam = paper.family(results.dataset, results.classes)
+    out = []
+    for _, attack in in_table_order(results, fam):
+        row = max(attack.retrain, key=lambda r: r.n)
+        first, replay, adaptive = (m["fooling_ratio"] for m in (attack.initial, row.replay, row.adaptive))
+        rerun = "refitted" if attack.threat == "universal" else "rerun"
+        pgd = "" if row.pgd_accuracy is None else f"; under PGD it keeps {pct(row.pgd_accuracy)} accuracy"
+        out.append(
+            f"**{attack.title}**: retrained on N={row.n} of its adversarial images, the model {verdict(first, replay)} "
+            f"the baseline's own adversarial images (fooling ratio {pct(first)} → {pct(replay)}) and "
+            f"{verdict(first, adaptive)} the attack {rerun} against it ({pct(adaptive)}); clean accuracy "
+            f"{pct(results.baseline_accuracy)} → {pct(row.clean_accuracy)}{pgd}."
+        )
+    if results.threats is not None:
+        out += [f"Threat models, {verdicts(name, a, results.threats)}" for name, a in in_table_order(results, fam)]
+    return out
+
+
+def markdown_html(text: str) -> str:
+    """Our Markdown as HTML; any HTML in it (an attack's title, say) is shown as text, never run."""
+    import markdown as md  # here, not at the top: only the HTML report needs it
+
+    return md.markdown(html.escape(text, quote=False), extensions=["tables"], output_format="html")
+
+
+def inline_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def figure_list(results: Results, run_dir: Path) -> list[dict[str, str]]:
+    """Every figure the report wrote, inlined, with a caption."""
+    figures = []
+    for name, attack in results.attacks.items():
+        figures.append({"file": f"figure_{slug(name)}.png", "caption": f"{attack.title}: original vs adversarial"})
+        if (run_dir / f"figure_{slug(name)}_perturbation.png").exists():
+            figures.append(
+                {"file": f"figure_{slug(name)}_perturbation.png", "caption": f"{attack.title}: the one perturbation"}
+            )
+    figures.append({"file": "figure_vs_n.png", "caption": "Fooling ratio and accuracy against N"})
+    return [{**f, "uri": inline_png(run_dir / f["file"])} for f in figures]
+
+
+def optional_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "(not recorded)"
+
+
+def html_report(results: Results, tables_md: str, run_dir: Path) -> str:
+    """One self-contained page: the answer, the tables, the figures (inlined), config, environment and timings."""
+    import jinja2  # here, not at the top: only the HTML report needs it
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("advretrain", "templates"), autoescape=True, keep_trailing_newline=True
+    )
+    return env.get_template("report.html.j2").render(
+        title=f"{results.model} on {results.dataset}",
+        results=results,
+        baseline=pct(results.baseline_accuracy),
+        summary=[markdown_html(s).removeprefix("<p>").removesuffix("</p>") for s in summary(results)],
+        tables=markdown_html(tables_md),
+        figures=figure_list(results, run_dir),
+        config=optional_text(run_dir / "config.yaml"),
+        environment=optional_text(run_dir / "environment.json"),
+        timings=optional_text(run_dir / "timings.json"),
+        version=__version__,
+    )
+
+
 def read_results(run_dir: Path) -> Results:
     path = run_dir / "results.json"
     try:
@@ -444,3 +522,4 @@ def write_report(run_dir: Path) -> None:
     for name, attack in results.attacks.items():
         grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)
+    write_text(run_dir / "report.html", html_report(results, md, run_dir))
