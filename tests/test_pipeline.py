@@ -33,6 +33,12 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
     assert "Fit, per epoch: held-out FR (generator saturation" in tables.split("## Table 1:")[1].split("## Table")[0]
     for name in ("config.yaml", "environment.json", "run.log", "tables.csv", "timings.json"):
         assert (finished_run / name).exists()
+    import re
+
+    steps = re.findall(r"stage (\d+)/(\d+): (.+) \((\d+:\d\d:\d\d) elapsed\)", (finished_run / "run.log").read_text())
+    assert [int(k) for k, *_ in steps] == list(range(1, len(steps) + 1))  # every stage, counted in order
+    assert {int(total) for _, total, *_ in steps} == {len(steps)}  # the count known from the start was right
+    assert steps[0][2] == "baseline" and steps[-1][2] == "threats fgsm N=10"
 
 
 def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:

@@ -41,7 +41,7 @@ from .stages import (
     retrain_sizes,
     retrain_stage,
 )
-from .threats import threat_experiment
+from .threats import probes, threat_experiment
 
 log = logging.getLogger("advretrain.pipeline")
 
@@ -142,6 +142,16 @@ def arms_race(
     return rounds
 
 
+def stage_count(cfg: ExperimentConfig, train_size: int) -> int:
+    """How many stages `run_experiment` passes through (each reused or computed), for its "stage k/K" lines."""
+    per_attack = [len(retrain_sizes(cfg, name, train_size)) for name in cfg.attacks]
+    total = 2 + sum(1 + 2 * n + 3 * (cfg.retrain.rounds - 1) for n in per_attack)  # baseline, labeler; attack, N×2
+    if cfg.threats.enabled:
+        transfer = [p for p in probes(cfg) if p.kind == "transfer"]
+        total += (1 + len(transfer) if transfer else 0) + 1 + sum(per_attack)  # surrogate, sets; f0 and every f1
+    return total
+
+
 def evaluation_subset(cfg: ExperimentConfig, test_set: ImageDataset) -> ImageDataset:
     """A seeded random subset in split order: the split is class-major, so its first images would be one class."""
     n_eval = min(cfg.test_images or len(test_set), len(test_set))
@@ -155,6 +165,7 @@ def run_experiment(
     """Run (or resume) the paper's protocol on every configured attack; returns what `results.json` holds."""
     run = Run(root, cfg, init_distributed(resolve_device(cfg.device)), progress and is_main())
     check_sizes(cfg, train_set)
+    run.total = stage_count(cfg, len(train_set))
     for name in cfg.attacks:
         get_attack(name)  # an import-path attack that fails to import fails here, before any work
     test_eval = evaluation_subset(cfg, test_set)

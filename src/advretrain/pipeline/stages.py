@@ -57,9 +57,19 @@ class Run:
     device: torch.device
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    total: int = 0  # stages the protocol will pass through (protocol.stage_count), for "stage k/K"
+    passed: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
     def stage(self, name: str) -> Path:
         return self.root / "stages" / name
+
+    def step(self, what: str) -> None:
+        """One line per stage over the whole run, `stage k/K: what (elapsed)`: where a long run is."""
+        self.passed += 1
+        elapsed = time.perf_counter() - self.started
+        clock = f"{int(elapsed // 3600)}:{int(elapsed % 3600 // 60):02d}:{int(elapsed % 60):02d}"
+        log.info("stage %d/%d: %s (%s elapsed)", self.passed, max(self.total, self.passed), what, clock)
 
     def timed(self, name: str, started: float) -> None:
         self.timings[name] = round(time.perf_counter() - started, 2)
@@ -93,6 +103,7 @@ def cached_stage(
     `record` (rank 0 only) writes what `reuse` reads back and returns the done marker's content; the fault point
     `after-{kind}` follows the marker.
     """
+    run.step(label)
     done = finished(folder)
     barrier()  # every rank decides before rank 0 can mark the stage done
     if done is not None:
@@ -249,6 +260,7 @@ def attack_stage(
     pool_size = max(retrain_sizes(cfg, name, len(train_set)))
     key = digest(name, params, victim.key, pool_size, len(test_eval))
     folder = run.stage(f"attack-{slug(name)}-{key}")
+    run.step(f"attack {name} against {target}")
     log.info("attack %s: against %s (pool %d training images, %d test images)", name, target, pool_size, len(test_eval))
     started = time.perf_counter()
     attack = fitted_attack(run, spec, victim.model, train_set.images, folder / "fitted.safetensors")

@@ -81,6 +81,7 @@ def transfer_sets(
     for probe in transfer:
         spec = get_attack(probe.attack)
         folder = run.stage(f"transfer-{slug(probe.key)}-{digest(probe.settings, surrogate.key, len(test_eval))}")
+        run.step(f"{probe.key} crafted against the surrogate")
         log.info("transfer %s: crafting against the surrogate → %s", probe.key, folder)
         attack = fitted_attack(
             run, spec, surrogate.model, train_set.images, folder / "fitted.safetensors", probe.settings
