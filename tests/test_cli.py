@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,34 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path: Path
     assert printed["threats"]["query"] == ["square"] and not (tmp_path / "r").exists()
     proc = run_cli("train", "--print-config", "train.lr=0.1")
     assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["train"]["lr"] == 0.1
+
+
+def test_tensorboard_tracking_logs_every_epoch_as_metrics_json_has_it(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = tmp_path / "data"
+    write_image_folder(data, per_class=8, size=32)
+    out = tmp_path / "out"
+    args = ["-q", "train", "--device", "cpu", "--out", str(out), f"data.dataset={data}", "train.epochs=2"]
+    proc = run_cli(*args, "train.batch_size=8", "tracking=tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    events = EventAccumulator(str(out / "tensorboard" / "train"))
+    events.Reload()
+    for key in ("loss", "train_accuracy", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert logged == [(h["epoch"], pytest.approx(h[key], rel=1e-6)) for h in history], key
+    assert [e.value for e in events.Scalars("summary/test_accuracy")] == [
+        pytest.approx(json.loads((out / "metrics.json").read_text())["test_accuracy"], rel=1e-6)
+    ]
+
+
+def test_tracking_without_its_library_is_one_line_with_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from advretrain.errors import ConfigError
+    from advretrain.tracking import open_tracker
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'advretrain\[tracking\]'"):
+        open_tracker("tensorboard", tmp_path)

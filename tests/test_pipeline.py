@@ -87,7 +87,9 @@ def test_retraining_size_larger_than_the_pool_is_refused(tmp_path: Path) -> None
 
 def test_arms_race_attacks_each_rounds_model_and_accumulates_adversarials(tmp_path: Path) -> None:
     run_dir = tmp_path / "race"
-    finish(advretrain("run", "--out", str(run_dir), *TINY, "attacks=[fgsm]", "retrain.rounds=3"))
+    finish(
+        advretrain("run", "--out", str(run_dir), *TINY, "attacks=[fgsm]", "retrain.rounds=3", "tracking=tensorboard")
+    )
     results = json.loads((run_dir / "results.json").read_text())
     rounds = results["attacks"]["fgsm"]["rounds"]
     assert [r["round"] for r in rounds] == [2, 3]
@@ -99,6 +101,15 @@ def test_arms_race_attacks_each_rounds_model_and_accumulates_adversarials(tmp_pa
     assert "attack fgsm: against the round-2 model" in log
     assert "retrain fgsm-round3 N=20: scratch on 200 clean + 60 adversarial images" in log
     assert "Arms race (not in the paper)" in (run_dir / "tables.md").read_text()
+    tracked = {p.name for p in (run_dir / "tensorboard").iterdir()}  # one TensorBoard run per stage
+    assert {
+        "baseline",
+        "surrogate",
+        "retrain-fgsm-N=20",
+        "retrain-fgsm-round3-N=20",
+        "attack-fgsm",
+        "results",
+    } <= tracked
 
 
 def test_report_reads_a_record_written_before_the_schema_had_a_version(finished_run: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +198,11 @@ def train_resumable(
     progress: bool = True,
     compile: bool = False,
     init: bool = True,
+    on_record: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """`train.train` in `out_dir`: resumed from its checkpoint when one of this job is there, checkpointed after
-    every epoch, and ending with `model.safetensors` and `metrics.json` (rank 0 writes)."""
+    every epoch, and ending with `model.safetensors` and `metrics.json` (rank 0 writes). `on_record` gets each
+    epoch's record (loss, accuracy, lr, ...) once it is on disk: a tracker's hook."""
     folder = Path(out_dir)
     key = fingerprint(model, data)
     start = _load_state(folder / STATE_FILE, cfg, key)
@@ -207,6 +210,8 @@ def train_resumable(
     def checkpoint(state: TrainState) -> None:
         if is_main():
             save_torch(folder / STATE_FILE, {"fingerprint": key, "config": cfg.model_dump(mode="json"), **state})
+            if on_record is not None:
+                on_record(state["history"][-1])
             kill_point("train-epoch")
 
     result = train(model, data, cfg, device, test, progress, compile, init, start, checkpoint)

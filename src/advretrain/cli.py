@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import click
@@ -33,6 +34,7 @@ from .runtime.distributed import init as init_distributed
 from .runtime.distributed import is_main, shutdown
 from .runtime.io import read_safetensors, save_safetensors, save_state, write_json
 from .runtime.rundir import record_config, run_lock
+from .tracking import open_tracker
 
 log = logging.getLogger("advretrain")
 
@@ -95,7 +97,13 @@ def train_cmd(
             out_dir,
         )
         quiet = ctx.obj["quiet"]
-        result = train_resumable(model, train_set, job.train, dev, out_dir, test_set, not quiet, job.compile)
+        tracker = open_tracker(job.tracking, out_dir)
+        try:
+            args = (dev, out_dir, test_set, not quiet, job.compile)
+            result = train_resumable(model, train_set, job.train, *args, on_record=partial(tracker.epoch, "train"))
+            tracker.summary("train", {"test_accuracy": result.test_accuracy or float("nan")})
+        finally:
+            tracker.close()
     main_rank = is_main()  # asked before the process group is gone
     shutdown()
     if main_rank:

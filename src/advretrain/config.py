@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .models import Classifier
 
 Device = Literal["auto", "cpu", "cuda"]
+Tracking = Literal["none", "tensorboard"]  # advretrain.tracking
 
 
 class Frozen(BaseModel):
@@ -133,6 +134,7 @@ class TrainJob(Frozen):
     train: TrainConfig = TrainConfig()
     device: Device = "auto"
     compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
+    tracking: Tracking = Field("none", description="log curves and results: none, or tensorboard (an extra)")
 
     @model_validator(mode="after")
     def _trains_from_scratch(self) -> TrainJob:
@@ -262,6 +264,7 @@ class ExperimentConfig(Frozen):
     figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
     device: Device = "auto"
     compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
+    tracking: Tracking = Field("none", description="log curves and results: none, or tensorboard (an extra)")
 
     @field_validator("attacks")
     @classmethod

@@ -255,7 +255,8 @@ def _train_epoch(
         accuracy,
         seen / seconds,
     )
-    stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy}
+    # lr: the peak group's (SGD's; Muon's filters follow their own lr on the same schedule) at the epoch's end
+    stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"]}
     return {**stats, "seconds": seconds, "images_per_second": seen / seconds}
 
 

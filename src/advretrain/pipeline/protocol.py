@@ -28,6 +28,7 @@ from ..runtime.device import resolve_device
 from ..runtime.distributed import init as init_distributed
 from ..runtime.distributed import is_main
 from ..runtime.io import write_json
+from ..tracking import open_tracker
 from .stages import (
     AttackArtifacts,
     Run,
@@ -110,9 +111,9 @@ def attack_experiment(
         models[n] = retrain_stage(run, [(art, labels)], n, f0, train_set)
         rows.append(evaluate_stage(run, art, n, models[n], train_set, test_eval))
     spec = art.spec
-    out = AttackResults(
-        spec.title, spec.threat, art.params, initial_metrics(run, f0.model, art, test_eval), report, rows
-    )
+    initial = initial_metrics(run, f0.model, art, test_eval)
+    run.tracker.summary(f"attack {name}", initial)
+    out = AttackResults(spec.title, spec.threat, art.params, initial, report, rows)
     if spec.fitted:  # its per-epoch record (GAP: held-out fooling ratio and saturation)
         out.fit = [dict(epoch) for epoch in getattr(art.attack, "history", [])]
     if run.cfg.retrain.rounds > 1:
@@ -165,6 +166,16 @@ def run_experiment(
     """Run (or resume) the paper's protocol on every configured attack; returns what `results.json` holds."""
     run = Run(root, cfg, init_distributed(resolve_device(cfg.device)), progress and is_main())
     check_sizes(cfg, train_set)
+    run.tracker = open_tracker(cfg.tracking, root)
+    try:
+        return protocol(run, train_set, test_set)
+    finally:
+        run.tracker.close()
+
+
+def protocol(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Results:
+    """Baseline, labeler, every attack's experiment, the threat models; the results they make."""
+    cfg, root = run.cfg, run.root
     run.total = stage_count(cfg, len(train_set))
     for name in cfg.attacks:
         get_attack(name)  # an import-path attack that fails to import fails here, before any work
@@ -177,7 +188,7 @@ def run_experiment(
     threats = threat_experiment(run, f0, retrained, train_set, test_set, test_eval) if cfg.threats.enabled else None
     if is_main():
         write_json(root / "timings.json", run.timings)
-    return Results(
+    results = Results(
         cfg.data.dataset,
         train_set.num_classes,
         cfg.model.name,
@@ -189,3 +200,16 @@ def run_experiment(
         {name: results for name, (results, _) in done.items()},
         threats,
     )
+    run.tracker.summary("results", final_numbers(results))
+    return results
+
+
+def final_numbers(results: Results) -> dict[str, float]:
+    """What a tracker shows of the results: f0's accuracy, each attack's first and last fooling ratios."""
+    numbers = {"baseline_accuracy": results.baseline_accuracy}
+    for name, attack in results.attacks.items():
+        row = max(attack.retrain, key=lambda r: r.n)
+        numbers[f"{name}/fooling_ratio_f0"] = attack.initial["fooling_ratio"]
+        numbers[f"{name}/fooling_ratio_adaptive_N{row.n}"] = row.adaptive["fooling_ratio"]
+        numbers[f"{name}/clean_accuracy_N{row.n}"] = row.clean_accuracy
+    return numbers

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from ..results import RetrainRow
 from ..runtime.distributed import barrier, is_main
 from ..runtime.faults import kill_point
 from ..runtime.io import read_safetensors, save_safetensors, save_state, write_json
+from ..tracking import Tracker
 
 log = logging.getLogger("advretrain.pipeline")
 T = TypeVar("T")
@@ -57,6 +59,7 @@ class Run:
     device: torch.device
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=Tracker)  # curves and summaries, when the config tracks
     total: int = 0  # stages the protocol will pass through (protocol.stage_count), for "stage k/K"
     passed: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -146,7 +149,8 @@ def baseline(
             return model
         log.info("%s: training %s on %d images → %s", role, model_cfg.name, len(train_set), folder)
         torch.manual_seed(recipe.seed)
-        return train_resumable(model, train_set, recipe, run.device, folder, test_set, run.progress, cfg.compile).model
+        args = (run.device, folder, test_set, run.progress, cfg.compile)
+        return train_resumable(model, train_set, recipe, *args, on_record=partial(run.tracker.epoch, role)).model
 
     def record(_: Classifier) -> dict[str, Any]:
         return {"test_accuracy": json.loads((folder / "metrics.json").read_text()).get("test_accuracy")}
@@ -326,8 +330,8 @@ def retrain_stage(
             extra = mixed.num_classes - model.spec.num_classes
             model = grow_head(model, extra) if extra > 0 else model
             recipe = cfg.train.model_copy(update={"epochs": retrain.finetune_epochs})
-        fresh = retrain.mode == "scratch"
-        return train_resumable(model, mixed, recipe, run.device, folder, None, run.progress, cfg.compile, fresh).model
+        args = (run.device, folder, None, run.progress, cfg.compile, retrain.mode == "scratch")
+        return train_resumable(model, mixed, recipe, *args, on_record=partial(run.tracker.epoch, label)).model
 
     model = cached_stage(
         run, "retrain", label, folder, compute, lambda _: {"n": n}, lambda _: load_model(folder, run.device)
