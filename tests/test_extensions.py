@@ -154,7 +154,6 @@ def evaluation_images(test: advretrain.ImageDataset, n: int) -> tuple[torch.Tens
 def test_a_trained_model_is_used_as_f0_without_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from advretrain.checkpoint import save_model
     from advretrain.metrics import evaluate
     from advretrain.pipeline import load_split, resolve_config
 
@@ -174,10 +173,14 @@ def test_a_trained_model_is_used_as_f0_without_training(tmp_path: Path, caplog: 
     assert "(not trained here)" in caplog.text
     f0 = advretrain.load_model(f0_folder)
     assert all(torch.equal(a, b) for a, b in zip(f0.state_dict().values(), mine.state_dict().values(), strict=True))
-    # the same weights as advretrain writes them: a model.safetensors with its spec
-    save_model(tmp_path / "m" / "model.safetensors", mine)
-    again = advretrain.run("default", tmp_path / "r2", [*cheap, f"model.checkpoint={tmp_path / 'm'}"])
-    assert again.baseline_accuracy == expected
+    # a model trained by `advretrain train`, given by its folder
+    trained = tmp_path / "trained"
+    recipe = [f"data.dataset={cfg.data.dataset}", "data.train_per_class=20", "train.epochs=1", "train.batch_size=32"]
+    finish(advretrain_cli("train", "--device", "cpu", "--out", str(trained), *recipe))
+    again = advretrain.run("default", tmp_path / "r2", [*cheap, f"model.checkpoint={trained}"])
+    by_train = advretrain.load_model(trained)
+    assert again.baseline_accuracy == evaluate(by_train, test_set.images, test_set.labels)
+    assert again.baseline_accuracy == json.loads((trained / "metrics.json").read_text())["test_accuracy"]
 
 
 def test_a_checkpoint_of_another_architecture_names_the_first_key(tmp_path: Path) -> None:

@@ -138,6 +138,7 @@ def baseline(
     folder = run.stage(f"{role}-{key}")
 
     def compute() -> Classifier:
+        torch.manual_seed(recipe.seed)  # before the build: the initial weights are the seed's
         model = model_cfg.build(train_set.num_classes, train_set.image_size)
         if given:  # the user's trained model: measured, and kept in the stage like one trained here
             log.info("%s: %s from %s (not trained here) → %s", role, model_cfg.name, given, folder)
@@ -148,7 +149,6 @@ def baseline(
                 write_json(folder / "metrics.json", {"test_accuracy": accuracy, "checkpoint": str(given)})
             return model
         log.info("%s: training %s on %d images → %s", role, model_cfg.name, len(train_set), folder)
-        torch.manual_seed(recipe.seed)
         args = (run.device, folder, test_set, run.progress, cfg.compile)
         return train_resumable(model, train_set, recipe, *args, on_record=partial(run.tracker.epoch, role)).model
 
