@@ -144,7 +144,7 @@ def run_cmd(
     main_rank = is_main()  # asked before the process group is gone: after it, every process looks like rank 0
     shutdown()
     if main_rank:
-        click.echo(f"run finished: {run_dir} (tables.md, tables.csv, figure_*.png, results.json)")
+        click.echo(f"run finished: open {run_dir / 'report.html'} (also tables.md, figure_*.png, results.json)")
 
 
 @cli.command("configs")
