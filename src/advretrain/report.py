@@ -234,6 +234,11 @@ def labels_section(results: Results, fam: str) -> tuple[list[str], list[list[str
 STOPPED, WEAKENED = 0.25, 0.75
 
 
+def outcome(before: float, after: float) -> str:
+    """What retraining did to a threat, from its fooling ratio against f0 and against the retrained model."""
+    return "stopped" if after <= STOPPED * before else "weakened" if after <= WEAKENED * before else "did not stop"
+
+
 def fr_acc(metrics: Metrics | None) -> str:
     """A threat-model cell: fooling ratio / accuracy under attack, in %."""
     if metrics is None:
@@ -271,8 +276,7 @@ def verdicts(name: str, attack: AttackResults, threats: ThreatModels) -> str:
         if f0 is None or f1 is None or f0["fooling_ratio"] == 0:
             continue
         fr0, fr1 = f0["fooling_ratio"], f1["fooling_ratio"]
-        verdict = "stopped" if fr1 <= STOPPED * fr0 else "weakened" if fr1 <= WEAKENED * fr0 else "did not stop"
-        groups[verdict].append(f"{what} ({100 * fr0:.1f}% → {100 * fr1:.1f}%)")
+        groups[outcome(fr0, fr1)].append(f"{what} ({100 * fr0:.1f}% → {100 * fr1:.1f}%)")
     said = "; ".join(f"{verdict} {', '.join(items)}" for verdict, items in groups.items() if items)
     return f"**{name}**, retrained on N={row.n}: {said or 'nothing fooled f0 to begin with'}."
 
@@ -419,7 +423,8 @@ def curves_figure(results: Results, out: Path) -> None:
 
 
 def verdict(before: float, after: float) -> str:
-    return "stops" if after <= STOPPED * before else "weakens" if after <= WEAKENED * before else "does not stop"
+    """`outcome` as the verb of a summary sentence."""
+    return {"stopped": "stops", "weakened": "weakens", "did not stop": "does not stop"}[outcome(before, after)]
 
 
 def summary(results: Results) -> list[str]:

@@ -10,6 +10,7 @@ Each model's measurements are one cached stage; the surrogate and its transfer s
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,9 +19,9 @@ import torch
 
 from ..advset import AdversarialSet
 from ..attacks import get_attack, slug
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, ModelConfig, TrainConfig
 from ..data import ImageDataset, to_float
-from ..metrics import attack_metrics, evaluate
+from ..metrics import attack_metrics
 from ..results import Metrics, Probe, ThreatModels
 from .stages import Run, Trained, baseline, cached_stage, craft, digest, fitted_attack
 
@@ -64,13 +65,17 @@ def probes(cfg: ExperimentConfig) -> list[Probe]:
     return out
 
 
-def surrogate_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
-    """A classifier the attacker trains on the same data: the configured model and recipe, another seed."""
-    cfg = run.cfg
+def surrogate_recipe(cfg: ExperimentConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The attacker's own model and recipe: the configured ones (or `threats.surrogate_model`) with another seed,
+    trained here, never the user's f0 checkpoint."""
     seed = cfg.train.seed + 1 if cfg.threats.surrogate_seed is None else cfg.threats.surrogate_seed
-    # the attacker's own model, trained here: never the user's f0 checkpoint
     model = cfg.model.model_copy(update={"name": cfg.threats.surrogate_model or cfg.model.name, "checkpoint": None})
-    return baseline(run, train_set, test_set, model, cfg.train.model_copy(update={"seed": seed}), "surrogate")
+    return model, cfg.train.model_copy(update={"seed": seed})
+
+
+def surrogate_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
+    """A classifier the attacker trains on the same data (`surrogate_recipe`)."""
+    return baseline(run, train_set, test_set, *surrogate_recipe(run.cfg), "surrogate")
 
 
 def transfer_sets(
@@ -141,15 +146,10 @@ def threat_experiment(
     surrogate = surrogate_stage(run, train_set, test_set) if transfer else None
     sets = transfer_sets(run, surrogate, transfer, train_set, test_eval) if surrogate else {}
     described: dict[str, Any] = {}
-    if surrogate is not None:
-        bs = run.cfg.train.eval_batch_size
-        described = {
-            "model": run.cfg.threats.surrogate_model or run.cfg.model.name,
-            "seed": run.cfg.train.seed + 1
-            if run.cfg.threats.surrogate_seed is None
-            else run.cfg.threats.surrogate_seed,
-            "test_accuracy": evaluate(surrogate.model, test_set.images, test_set.labels, bs),
-        }
+    if surrogate is not None:  # its accuracy as its training measured it (metrics.json), not evaluated again
+        model, recipe = surrogate_recipe(run.cfg)
+        accuracy = json.loads((surrogate.folder / "metrics.json").read_text())["test_accuracy"]
+        described = {"model": model.name, "seed": recipe.seed, "test_accuracy": accuracy}
     return ThreatModels(
         described,
         probe_list,
