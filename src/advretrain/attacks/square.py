@@ -22,6 +22,7 @@ from .base import AttackError, AttackResult, Count, logits_of, run_batched
 _MASK32 = 0xFFFFFFFF
 # p_init is halved at these shares of the query budget (in 1/10,000; the reference's schedule).
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_REDRAWS = 4  # new signs for a window the first draw left unchanged (each C signs: 2^-C odds of another miss)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -113,16 +114,34 @@ class Square:
         return AttackResult(best, margin <= 0, iterations=queries)
 
     def _step(self, x0: torch.Tensor, best: torch.Tensor, keys: torch.Tensor, query: int, s: int) -> torch.Tensor:
-        """best with one s×s window per image set to ±2ε per channel, projected onto the ε-ball and [0,1]."""
-        n, c, h, w = x0.shape
-        bits = draws(keys, query, 2 + c)  # N×(2 + C): the window's corner, then one sign per channel
+        """best with one s×s window per image set to ±2ε per channel, projected onto the ε-ball and [0,1].
+
+        As in the reference (and ART), a draw that leaves an image's window as it was is drawn again (new signs,
+        same window, at most `_REDRAWS` times), so that a query is not spent on the image the attacker already has.
+        """
+        _, c, h, w = x0.shape
+        bits = draws(keys, query, 2 + c * (1 + _REDRAWS))  # N×(2 + C·k): the window's corner, then C signs a draw
         top, left = bits[:, 0] % (h - s + 1), bits[:, 1] % (w - s + 1)  # N, N
         rows = torch.arange(h, device=x0.device)[None, :]
         cols = torch.arange(w, device=x0.device)[None, :]
         in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)  # N×H
         in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)  # N×W
         window = (in_rows[:, None, :, None] & in_cols[:, None, None, :]).to(x0.dtype)  # N×1×H×W
-        delta = window * signs(bits[:, 2:]).to(x0.dtype).view(n, c, 1, 1) * (2 * self.eps)  # N×C×H×W
+        candidate = self._set_window(x0, best, window, bits[:, 2 : 2 + c])
+        for redraw in range(1, _REDRAWS + 1):
+            same = (candidate == best).flatten(1).all(1).nonzero().squeeze(1)  # images the draw left unchanged
+            if same.numel() == 0:
+                break
+            fresh = bits[same, 2 + c * redraw : 2 + c * (redraw + 1)]
+            candidate[same] = self._set_window(x0[same], best[same], window[same], fresh)
+        return candidate
+
+    def _set_window(
+        self, x0: torch.Tensor, best: torch.Tensor, window: torch.Tensor, bits: torch.Tensor
+    ) -> torch.Tensor:
+        """best + window · (±2ε per channel from `bits`, N×C), projected onto the ε-ball around x0 and [0,1]."""
+        n, c = bits.shape
+        delta = window * signs(bits).to(x0.dtype).view(n, c, 1, 1) * (2 * self.eps)  # N×C×H×W
         candidate = torch.min(torch.max(best + delta, x0 - self.eps), x0 + self.eps)
         return candidate.clamp(0, 1)
 
