@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_run import TINY, advretrain, finish
+from tiny_run import TINY, advretrain, finish, untimed
 
 
 def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
@@ -18,7 +18,7 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
     for number in (1, 3, 4, 5, 7):  # CIFAR-10 family: GAP → 1, DeepFool → 3, C&W → 4, FGSM → 5, labels → 7
         assert f"## Table {number}:" in tables
     assert "| 20 |" in tables and "| 10 |" in tables and "92.25% / 91.09% / 13%" not in tables  # N=20 is not N=50k
-    for name in ("gap", "deepfool", "cw", "fgsm", "gap_perturbation", "vs_n"):
+    for name in ("gap", "deepfool", "cw", "fgsm", "gap_perturbation", "vs_n", "pca_sweep", "cross_attack"):
         png = finished_run / f"figure_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((finished_run / "results.json").read_text())
@@ -38,11 +38,12 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
     steps = re.findall(r"stage (\d+)/(\d+): (.+) \((\d+:\d\d:\d\d) elapsed\)", (finished_run / "run.log").read_text())
     assert [int(k) for k, *_ in steps] == list(range(1, len(steps) + 1))  # every stage, counted in order
     assert {int(total) for _, total, *_ in steps} == {len(steps)}  # the count known from the start was right
-    assert steps[0][2] == "baseline" and steps[-1][2] == "threats fgsm N=10"
+    assert steps[0][2] == "baseline" and steps[-1][2] == "robustness curve of reference fgsm-rs"
 
 
 def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:
     names = ("tables.md", "tables.csv", "figure_vs_n.png", "report.html")
+    names += ("figure_pca_sweep.png", "figure_cross_attack.png", "figure_robustness_curves.png")
     before = {name: (finished_run / name).read_bytes() for name in names}
     for name in before:
         (finished_run / name).unlink()
@@ -64,7 +65,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(finished_run: Path, 
     for stage in finished_before:
         assert stage in log and "reused" in log
     assert "baseline: reused" in log and "resuming training from the checkpoint of epoch 1/3" in log
-    assert (run_dir / "results.json").read_text() == (finished_run / "results.json").read_text()
+    assert untimed(run_dir) == untimed(finished_run)  # but for the PCA sweep's measured seconds
 
 
 def test_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:

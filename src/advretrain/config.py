@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -89,6 +90,24 @@ class ModelConfig(Frozen):
         return build_model(self.name, num_classes, image_size, self.flip_average)
 
 
+class AdversarialTraining(Frozen):
+    """Adversarial training, the field's standard defence (METHOD.md 5 item 13): every batch replaced by adversarials
+    of the model being trained. The reference the retraining defence is compared with."""
+
+    # Wong et al. 2020 (FGSM from a uniform random start, step 1.25 eps): one extra gradient per batch, the CPU choice;
+    # Madry et al. 2018 (PGD from a random start, 7 steps of eps/4 on CIFAR-10): the paper profiles' choice.
+    method: Literal["fgsm-rs", "pgd"] = Field("fgsm-rs", description="fgsm-rs (Wong et al. 2020) or pgd (Madry 2018)")
+    eps: float = Field(8 / 255, gt=0, le=1, description="L-inf budget in [0,1] pixels (CIFAR-10's standard 8/255)")
+    step_size: float | None = Field(None, gt=0, description="None: 1.25 eps for fgsm-rs, eps/4 for pgd")
+    steps: int = Field(7, ge=1, description="PGD steps per batch (fgsm-rs takes one)")
+
+    @property
+    def alpha(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return 1.25 * self.eps if self.method == "fgsm-rs" else self.eps / 4
+
+
 class TrainConfig(Frozen):
     # METHOD.md 1.1 (VGG16 on CIFAR-10): SGD, momentum 0.9, wd 5e-4, batch 128, lr 0.05, cosine, ~100 epochs.
     epochs: int = Field(100, ge=1, description="passes over the training set")
@@ -116,6 +135,7 @@ class TrainConfig(Frozen):
     progressive_sizes: list[Annotated[int, Field(ge=8)]] = Field(
         default_factory=list, description="px of the first epochs' images, one per epoch; the rest: the data's size"
     )
+    adversarial: AdversarialTraining | None = Field(None, description="train on adversarial batches (None: clean)")
 
     @field_validator("progressive_sizes")
     @classmethod
@@ -243,6 +263,46 @@ class ThreatConfig(Frozen):
         return bool(self.query or self.transfer)
 
 
+# The evaluation the paper omits (METHOD.md 2.5, 5 items 3, 7, 10-13), each switched on by its name in `experiments`.
+Experiment = Literal["fooling-classes", "pca-sweep", "cross-attack", "robustness-curves", "reference-defence"]
+EXPERIMENTS: tuple[Experiment, ...] = typing.get_args(Experiment)
+
+
+class FoolingConfig(Frozen):
+    """METHOD.md 2.5: fooling images against f0, the labeler's new class(es) for them, f1 retrained with them."""
+
+    per_class: int = Field(20, ge=2, description="fooling images per original class (half train f1, half held out)")
+    classes: int = Field(1, ge=1, description="new classes the flagged ones form (k-means; the paper: one or more)")
+    steps: int = Field(200, ge=1, description="gradient-ascent steps at most per image (each leaves once confident)")
+    step_size: float = Field(1 / 255, gt=0, le=1, description="signed-gradient step (one 8-bit level)")
+    confidence: float = Field(0.99, gt=0, lt=1, description="softmax an image must reach (Nguyen et al.: 99%)")
+
+
+class SweepConfig(Frozen):
+    """The labeler's PCA trade-off (METHOD.md 3): the paper picks 300 / 2,000 dimensions without showing it."""
+
+    pca_dims: list[int | Literal["full"]] = Field(
+        default_factory=lambda: [10, 30, 100, 300, 1000, "full"],  # type: ignore[arg-type]
+        description="dimensions; full: the pixel space",
+    )
+
+    @field_validator("pca_dims", mode="before")
+    @classmethod
+    def _sizes(cls, sizes: Any) -> Any:
+        for size in sizes if isinstance(sizes, list) else []:
+            if size != "full" and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+                raise ValueError(f"{size!r} is not a PCA size; give whole numbers >= 1 or 'full' (the pixel space)")
+        return sizes
+
+    k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3], description="neighbours that vote")
+
+
+class CurvesConfig(Frozen):
+    eps: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5, 1.0], description="L2 budgets of the robustness-curve table"
+    )
+
+
 class ExperimentConfig(Frozen):
     """`advretrain run`: the paper's protocol (METHOD.md 1.2) on one dataset and model."""
 
@@ -259,6 +319,14 @@ class ExperimentConfig(Frozen):
     retrain: RetrainConfig = RetrainConfig()
     labeler: LabelerConfig = LabelerConfig()
     threats: ThreatConfig = ThreatConfig()
+    experiments: list[Experiment] = Field(
+        default_factory=lambda: list(EXPERIMENTS), description="the evaluations beyond the paper's tables to run"
+    )
+    fooling: FoolingConfig = FoolingConfig()
+    sweep: SweepConfig = SweepConfig()
+    curves: CurvesConfig = CurvesConfig()
+    # The CPU profiles' choice; paper profiles: method pgd
+    defence: AdversarialTraining = Field(AdversarialTraining(), description="the reference defence's training")
     test_images: int | None = Field(None, ge=1, description="test images attacked (None: the whole test split)")
     pgd_eval: bool = Field(True, description="also report each retrained model's PGD accuracy")
     figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
@@ -266,11 +334,11 @@ class ExperimentConfig(Frozen):
     compile: bool = Field(False, description="torch.compile the training step (GPUs: faster after a warm-up)")
     tracking: Tracking = Field("none", description="log curves and results: none, or tensorboard (an extra)")
 
-    @field_validator("attacks")
+    @field_validator("attacks", "experiments")
     @classmethod
     def _each_once(cls, names: list[str]) -> list[str]:
         if len(set(names)) != len(names):
-            raise ValueError("an attack is listed twice; list each once")
+            raise ValueError("a name is listed twice; list each once")
         return names
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ import torch
 from . import __version__, paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
+from .report_evaluation import evaluation_figure_files, evaluation_figures, evaluation_sections, evaluation_summary
 from .results import AttackResults, Metrics, Results, ThreatModels
 from .runtime.io import atomic_path, read_safetensors, write_text
 
@@ -255,6 +256,8 @@ def threat_rows(results: Results, threats: ThreatModels, fam: str) -> tuple[list
             measured = threats.retrained.get(name, {}).get(row.n, {})
             cells = [row.replay, row.adaptive, *(measured.get(p.key) for p in threats.probes)]
             rows.append([f"f1 {name} N={row.n}", *map(fr_acc, cells)])
+    for label, measured in threats.others.items():  # e.g. the reference defence: nothing replayed or adapted
+        rows.append([label, *map(fr_acc, [None, None, *(measured.get(p.key) for p in threats.probes)])])
     return header, rows
 
 
@@ -327,7 +330,8 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
         csv_rows += cells
     section, cells = labels_section(results, fam)
     threats, threat_cells = threats_section(results, fam)
-    return "\n".join(md + section + threats), csv_rows + cells + threat_cells
+    beyond, beyond_cells = evaluation_sections(results)
+    return "\n".join(md + section + threats + beyond), csv_rows + cells + threat_cells + beyond_cells
 
 
 def pyplot() -> Any:
@@ -444,7 +448,7 @@ def summary(results: Results) -> list[str]:
         )
     if results.threats is not None:
         out += [f"Threat models, {verdicts(name, a, results.threats)}" for name, a in in_table_order(results, fam)]
-    return out
+    return out + evaluation_summary(results)
 
 
 def markdown_html(text: str) -> str:
@@ -468,6 +472,7 @@ def figure_list(results: Results, run_dir: Path) -> list[dict[str, str]]:
                 {"file": f"figure_{slug(name)}_perturbation.png", "caption": f"{attack.title}: the one perturbation"}
             )
     figures.append({"file": "figure_vs_n.png", "caption": "Fooling ratio and accuracy against N"})
+    figures += [{"file": file, "caption": caption} for file, caption in evaluation_figure_files(results)]
     return [{**f, "uri": inline_png(run_dir / f["file"])} for f in figures]
 
 
@@ -527,4 +532,5 @@ def write_report(run_dir: Path) -> None:
     for name, attack in results.attacks.items():
         grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)
+    evaluation_figures(results, pyplot(), run_dir)
     write_text(run_dir / "report.html", html_report(results, md, run_dir))

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import AdvretrainError
 
-SCHEMA_VERSION = 2  # 2: the threat-model experiment (`threats`)
+SCHEMA_VERSION = 3  # 2: the threat-model experiment (`threats`); 3: the evaluation beyond the paper (`evaluation`)
 Metrics = dict[str, float]
 
 
@@ -129,6 +129,7 @@ class ThreatModels:
     probes: list[Probe]
     f0: dict[str, Metrics]
     retrained: dict[str, dict[int, dict[str, Metrics]]]  # attack → N → probe key → metrics
+    others: dict[str, dict[str, Metrics]] = field(default_factory=dict)  # e.g. the reference defence: row → probe
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +137,7 @@ class ThreatModels:
             "probes": [p.to_dict() for p in self.probes],
             "f0": self.f0,
             "retrained": {a: {str(n): m for n, m in rows.items()} for a, rows in self.retrained.items()},
+            "others": self.others,
         }
 
     @staticmethod
@@ -145,6 +147,62 @@ class ThreatModels:
             [Probe.from_dict(p) for p in d["probes"]],
             {k: dict(m) for k, m in d["f0"].items()},
             {a: {int(n): dict(m) for n, m in rows.items()} for a, rows in d["retrained"].items()},
+            {row: {k: dict(m) for k, m in probes.items()} for row, probes in d.get("others", {}).items()},
+        )
+
+
+# {"total": images attacked, "norms": the minimal L2 norm of each correctly classified image (None: never fooled)}
+Curve = dict[str, Any]
+
+
+@dataclass
+class SweepRow:
+    """The labeler at one PCA size and k: per attack, label accuracy on training- and test-source adversarials and
+    the exact-source retrieval rate (`{attack}/{metric}`), and what it cost."""
+
+    dims: int | str  # "full": the pixel space itself
+    k: int
+    metrics: Metrics
+    fit_seconds: float
+    label_seconds: float  # projection + search (one search at the largest k serves every k) + vote
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> SweepRow:
+        dims = d["dims"] if d["dims"] == "full" else int(d["dims"])
+        return SweepRow(dims, int(d["k"]), dict(d["metrics"]), float(d["fit_seconds"]), float(d["label_seconds"]))
+
+
+@dataclass
+class Evaluation:
+    """The evaluation the paper omits (METHOD.md 2.5, 5): each part None when its experiment is switched off.
+
+    Model rows are labelled "f0", "f1 {attack} N={n}" (each attack's largest N) and "reference {method}"."""
+
+    fooling: dict[str, Any] | None = None  # FoolingClasses numbers (pipeline.fooling_classes)
+    sweep: list[SweepRow] | None = None
+    cross: dict[str, dict[str, Metrics]] | None = None  # model row → attack → metrics
+    curves: dict[str, dict[str, Curve]] | None = None  # model row → minimal-norm attack → curve
+    defence: dict[str, Any] | None = None  # the reference model's recipe and clean accuracy
+    curve_eps: list[float] = field(default_factory=list)  # the L2 budgets of the robustness-curve table
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sweep"] = None if self.sweep is None else [row.to_dict() for row in self.sweep]
+        return out
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Evaluation:
+        sweep = d.get("sweep")
+        return Evaluation(
+            d.get("fooling"),
+            None if sweep is None else [SweepRow.from_dict(row) for row in sweep],
+            d.get("cross"),
+            d.get("curves"),
+            d.get("defence"),
+            [float(e) for e in d.get("curve_eps", [])],
         )
 
 
@@ -162,6 +220,7 @@ class Results:
     retrain_labels: str
     attacks: dict[str, AttackResults]
     threats: ThreatModels | None = None  # off when the config lists no query or transfer attack
+    evaluation: Evaluation = field(default_factory=Evaluation)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -178,6 +237,7 @@ class Results:
         }
         if self.threats is not None:
             out["threats"] = self.threats.to_dict()
+        out["evaluation"] = self.evaluation.to_dict()
         return out
 
     @staticmethod
@@ -185,7 +245,7 @@ class Results:
         version = d.get("schema_version", 0) if isinstance(d, dict) else None
         if version == 0:  # written before the schema had a version (advretrain ≤ 2be4d84)
             d, version = upgrade_from_v0(d), 1
-        if version == 1:  # before the threat-model experiment: the same layout without `threats`
+        if version in (1, 2):  # before the threat models (1) and the evaluation (2): the same layout without them
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise AdvretrainError(
@@ -204,6 +264,7 @@ class Results:
                 str(d["retrain_labels"]),
                 {name: AttackResults.from_dict(a) for name, a in d["attacks"].items()},
                 ThreatModels.from_dict(d["threats"]) if d.get("threats") is not None else None,
+                Evaluation.from_dict(d.get("evaluation") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdvretrainError(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import AdversarialTraining, TrainConfig
 from .data import ImageDataset, to_float
 from .errors import AdvretrainError
 from .metrics import autocast, evaluate
@@ -238,6 +238,9 @@ def _train_epoch(
         x = resize(x, size)
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
+        if cfg.adversarial is not None:  # the reference defence: train on the batch's adversarials instead
+            with autocast(device, cfg.amp):
+                x = adversarial_batch(unwrapped(model), x, y, cfg.adversarial, gen)
         totals += _step(model, x, y, idx.numel(), cfg, optimizer, scheduler)
         seen += idx.numel()
         if i % 25 == 0 or i == len(batches) - 1:  # sync with the device (and the other ranks) only now and then
@@ -258,6 +261,31 @@ def _train_epoch(
     # lr: the peak group's (SGD's; Muon's filters follow their own lr on the same schedule) at the epoch's end
     stats = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"]}
     return {**stats, "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def unwrapped(net: nn.Module) -> nn.Module:
+    """The model inside torch.compile and DDP: an attack's extra passes must not enter DDP's gradient sync."""
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(net, attr, net)
+        net = inner if isinstance(inner, nn.Module) else net
+    return net
+
+
+def adversarial_batch(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: AdversarialTraining, gen: torch.Generator
+) -> torch.Tensor:
+    """x (N×C×H×W in [0,1]) replaced by adversarials of the model being trained: a uniform start in the eps-ball, then
+    one signed step of 1.25 eps (FGSM-RS, Wong et al. 2020) or `steps` of eps/4 (PGD-AT, Madry et al. 2018), each
+    projected onto the ball and [0,1]. The model stays in train mode, as both references do; `gen` seeds the start."""
+    delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * adv.eps).to(x.device)
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(1 if adv.method == "fgsm-rs" else adv.steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta).float(), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + adv.alpha * grad.sign()).clamp(-adv.eps, adv.eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
 
 
 def _step(

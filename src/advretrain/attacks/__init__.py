@@ -34,8 +34,14 @@ from .square import Square
 # The paper's N (METHOD.md 1.2, CIFAR-10): GAP and FGSM at four sizes; DeepFool and C&W: the whole training set.
 PAPER_SIZES = (50000, 25000, 12500, 9000)
 register_attack("gap", GAP, title="GAP (universal, L-inf 10/255)", threat="universal", retrain_sizes=PAPER_SIZES)
-register_attack("deepfool", DeepFool, title="DeepFool (L2)")
-register_attack("cw", CarliniWagnerL2, title="Carlini-Wagner L2, targeted at the least-likely class", targeted=True)
+register_attack("deepfool", DeepFool, title="DeepFool (L2)", minimal_norm=True)
+register_attack(
+    "cw",
+    CarliniWagnerL2,
+    title="Carlini-Wagner L2, targeted at the least-likely class",
+    targeted=True,
+    minimal_norm=True,
+)
 register_attack("fgsm", FGSM, title="FGSM", retrain_sizes=PAPER_SIZES)
 register_attack("pgd", PGD, title="PGD (L-inf, 8/255)")
 register_attack("square", Square, title="Square (query-only black-box, L-inf 8/255)", threat="query")

@@ -54,6 +54,7 @@ class AttackSpec:
     fitted: the class has `fit(model, train_images)` and its state is saved as `state_dict()` (tensors, metadata).
     targeted: `AttackResult.targets` name the class each image was pushed to (C&W's least-likely class).
     retrain_sizes: the default N of adversarial training images (the paper's, CIFAR-10); empty: the training set.
+    minimal_norm: it searches the smallest (L2) perturbation that fools, so its norms trace robustness curves.
     """
 
     name: str
@@ -64,6 +65,7 @@ class AttackSpec:
     fitted: bool = False
     targeted: bool = False
     retrain_sizes: tuple[int, ...] = ()
+    minimal_norm: bool = False
 
     def configure(self, values: Mapping[str, Any] | None = None) -> BaseModel:
         """The attack's settings: its defaults updated by `values`; an unknown or invalid keyword is an error."""
@@ -118,6 +120,7 @@ def register_attack(
     fitted: bool | None = None,
     targeted: bool = False,
     retrain_sizes: tuple[int, ...] = (),
+    minimal_norm: bool = False,
 ) -> AttackSpec:
     """Add (or replace) attack `name`: `cls(**settings)(model, images, labels)` must return an `AttackResult`.
 
@@ -136,6 +139,7 @@ def register_attack(
         fitted=hasattr(cls, "fit") if fitted is None else fitted,
         targeted=targeted,
         retrain_sizes=tuple(retrain_sizes),
+        minimal_norm=minimal_norm,
     )
     ATTACKS[name] = spec
     return spec

@@ -23,12 +23,22 @@ from ..errors import ConfigError
 from ..fooling import noise_images
 from ..labeler import KNNLabeler, label_report
 from ..metrics import evaluate
-from ..results import ArmsRound, AttackResults, Results, RetrainRow
+from ..results import ArmsRound, AttackResults, Evaluation, Results, RetrainRow
 from ..runtime.device import resolve_device
 from ..runtime.distributed import init as init_distributed
 from ..runtime.distributed import is_main
 from ..runtime.io import write_json
 from ..tracking import open_tracker
+from .cross_attack import (
+    cross_experiment,
+    curves_experiment,
+    defence_record,
+    evaluated_models,
+    reference_label,
+    reference_stage,
+)
+from .fooling_classes import fooling_experiment
+from .pca_sweep import sweep_experiment
 from .stages import (
     AttackArtifacts,
     Run,
@@ -96,10 +106,11 @@ def attack_experiment(
     fooling: torch.Tensor,
     train_set: ImageDataset,
     test_eval: ImageDataset,
-) -> tuple[AttackResults, dict[int, Trained]]:
+) -> tuple[AttackResults, dict[int, Trained], AttackArtifacts]:
     """One attack's table: craft against f0, label, retrain at every N, evaluate; then the optional arms race.
 
-    Also returns the retrained models by N, for the experiments that measure them further (threat models)."""
+    Also returns the retrained models by N and the sets crafted against f0, for the experiments that measure them
+    further (threat models, cross-attack, PCA sweep)."""
     art = attack_stage(run, name, f0, train_set, test_eval)
     labels = labels_for_retraining(run, labeler, art)
     report = label_stage(run, labeler, art, test_eval, fooling)
@@ -118,7 +129,7 @@ def attack_experiment(
         out.fit = [dict(epoch) for epoch in getattr(art.attack, "history", [])]
     if run.cfg.retrain.rounds > 1:
         out.rounds = arms_race(run, [(art, labels)], sizes[0], models[sizes[0]], labeler, train_set, test_eval)
-    return out, models
+    return out, models, art
 
 
 def arms_race(
@@ -150,6 +161,12 @@ def stage_count(cfg: ExperimentConfig, train_size: int) -> int:
     if cfg.threats.enabled:
         transfer = [p for p in probes(cfg) if p.kind == "transfer"]
         total += (1 + len(transfer) if transfer else 0) + 1 + sum(per_attack)  # surrogate, sets; f0 and every f1
+    on = set(cfg.experiments)
+    defence = "reference-defence" in on
+    rows = 1 + len(cfg.attacks) + defence  # f0, each attack's largest N, the reference
+    total += defence * (1 + cfg.threats.enabled) + ("fooling-classes" in on) + ("pca-sweep" in on)
+    curves = "robustness-curves" in on and any(get_attack(n).minimal_norm for n in cfg.attacks)
+    total += rows * (("cross-attack" in on or defence) + curves)
     return total
 
 
@@ -184,8 +201,23 @@ def protocol(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Resul
     labeler = labeler_stage(run, train_set)
     fooling = noise_images(500, tuple(train_set.images.shape[1:]))  # type: ignore[arg-type]
     done = {name: attack_experiment(run, name, f0, labeler, fooling, train_set, test_eval) for name in cfg.attacks}
-    retrained = {name: models for name, (_, models) in done.items()}
-    threats = threat_experiment(run, f0, retrained, train_set, test_set, test_eval) if cfg.threats.enabled else None
+    retrained = {name: models for name, (_, models, _) in done.items()}
+    on = set(cfg.experiments)
+    reference = reference_stage(run, train_set, test_set) if "reference-defence" in on else None
+    others = {} if reference is None else {reference_label(run): reference}
+    threats = (
+        threat_experiment(run, f0, retrained, train_set, test_set, test_eval, others) if cfg.threats.enabled else None
+    )
+    arts = [art for _, _, art in done.values()]
+    rows = evaluated_models(run, f0, retrained, reference)
+    evaluation = Evaluation(
+        fooling_experiment(run, f0, labeler, arts, train_set, test_set, test_eval) if "fooling-classes" in on else None,
+        sweep_experiment(run, train_set, arts) if "pca-sweep" in on else None,
+        cross_experiment(run, rows, train_set, test_eval) if on & {"cross-attack", "reference-defence"} else None,
+        curves_experiment(run, rows, train_set, test_eval) if "robustness-curves" in on else None,
+        None if reference is None else defence_record(run, reference),
+        list(cfg.curves.eps),
+    )
     if is_main():
         write_json(root / "timings.json", run.timings)
     results = Results(
@@ -197,8 +229,9 @@ def protocol(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Resul
         evaluate(f0.model, test_set.images, test_set.labels, cfg.train.eval_batch_size),
         cfg.retrain.mode,
         cfg.retrain.labels,
-        {name: results for name, (results, _) in done.items()},
+        {name: results for name, (results, _, _) in done.items()},
         threats,
+        evaluation,
     )
     run.tracker.summary("results", final_numbers(results))
     return results

@@ -255,6 +255,22 @@ class AttackArtifacts:
         return adversarial_set.iterations if counted else None
 
 
+def attacked_set(
+    run: Run, name: str, victim: Trained, train_set: ImageDataset, test_eval: ImageDataset
+) -> tuple[Any, AdversarialSet]:
+    """Attack `name` (the config's settings) against `victim` on the evaluated test images: the attack (a fitted one
+    fitted on `victim`) and its set, one cached folder per (attack, victim) that every experiment shares — the
+    static set of f0, the adaptive set of an f1, a cell of the cross-attack matrix are the same artifact."""
+    spec = get_attack(name)
+    params = spec.configure(run.cfg.attack.get(name)).model_dump(mode="json")
+    folder = run.stage(f"against-{slug(name)}-{digest(name, params, victim.key, len(test_eval))}")
+    attack = fitted_attack(run, spec, victim.model, train_set.images, folder / "fitted.safetensors")
+    meta = {"attack": name, "params": params, "split": "test", "against": victim.key}
+    everything = torch.arange(len(test_eval))
+    crafted = craft(attack, victim.model, test_eval.images, test_eval.labels, everything, folder / "test.advset", meta)
+    return attack, crafted
+
+
 def attack_stage(
     run: Run, name: str, victim: Trained, train_set: ImageDataset, test_eval: ImageDataset, target: str = "the baseline"
 ) -> AttackArtifacts:
@@ -267,13 +283,10 @@ def attack_stage(
     run.step(f"attack {name} against {target}")
     log.info("attack %s: against %s (pool %d training images, %d test images)", name, target, pool_size, len(test_eval))
     started = time.perf_counter()
-    attack = fitted_attack(run, spec, victim.model, train_set.images, folder / "fitted.safetensors")
-    meta = {"attack": name, "params": params, "data": cfg.data.dataset}
+    attack, static = attacked_set(run, name, victim, train_set, test_eval)
+    meta = {"attack": name, "params": params, "data": cfg.data.dataset, "split": "train", "against": victim.key}
     idx = pool_indices(cfg, len(train_set), pool_size)
-    pool_set = (train_set.images[idx], train_set.labels[idx], idx)
-    pool = craft(attack, victim.model, *pool_set, folder / "pool.advset", {**meta, "split": "train"})
-    test_set = (test_eval.images, test_eval.labels, torch.arange(len(test_eval)))
-    static = craft(attack, victim.model, *test_set, folder / "test.advset", {**meta, "split": "test"})
+    pool = craft(attack, victim.model, train_set.images[idx], train_set.labels[idx], idx, folder / "pool.advset", meta)
     run.timed(f"attack-{slug(name)}", started)
     kill_point("after-attack")
     return AttackArtifacts(spec, params, key, attack, pool, static)
@@ -322,21 +335,28 @@ def retrain_stage(
             n * len(parts),
             folder,
         )
-        torch.manual_seed(cfg.train.seed)
-        if retrain.mode == "scratch":
-            model, recipe = cfg.model.build(mixed.num_classes, train_set.image_size), cfg.train
-        else:
-            model = load_model(start.folder, "cpu")
-            extra = mixed.num_classes - model.spec.num_classes
-            model = grow_head(model, extra) if extra > 0 else model
-            recipe = cfg.train.model_copy(update={"epochs": retrain.finetune_epochs})
-        args = (run.device, folder, None, run.progress, cfg.compile, retrain.mode == "scratch")
-        return train_resumable(model, mixed, recipe, *args, on_record=partial(run.tracker.epoch, label)).model
+        return retrained_model(run, mixed, start, folder, label)
 
     model = cached_stage(
         run, "retrain", label, folder, compute, lambda _: {"n": n}, lambda _: load_model(folder, run.device)
     )
     return Trained(model, key, folder)
+
+
+def retrained_model(run: Run, mixed: ImageDataset, start: Trained, folder: Path, label: str) -> Classifier:
+    """A model trained on `mixed` (clean + added images): from scratch with the recipe (the paper), or `start`
+    fine-tuned, its head grown by any new classes `mixed` brings (the old classes' weights kept)."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.train.seed)
+    if cfg.retrain.mode == "scratch":
+        model, recipe = cfg.model.build(mixed.num_classes, mixed.image_size), cfg.train
+    else:
+        model = load_model(start.folder, "cpu")
+        extra = mixed.num_classes - model.spec.num_classes
+        model = grow_head(model, extra) if extra > 0 else model
+        recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
+    args = (run.device, folder, None, run.progress, cfg.compile, cfg.retrain.mode == "scratch")
+    return train_resumable(model, mixed, recipe, *args, on_record=partial(run.tracker.epoch, label)).model
 
 
 def evaluate_stage(
@@ -349,12 +369,8 @@ def evaluate_stage(
         log.info("evaluate %s%s N=%d: clean, static adversarial, replay, adaptive, PGD", art.name, tag, n)
         clean, labels, bs = to_float(test_eval.images), test_eval.labels, run.cfg.train.eval_batch_size
         replay = attack_metrics(f1.model, clean, art.static.adversarial, labels, batch_size=bs)
-        # White-box attacks as they are; a fitted one (GAP) refitted against f1.
-        attack = fitted_attack(run, art.spec, f1.model, train_set.images, folder / "fitted.safetensors")
-        # Crafted as a set on disk: sharded over ranks under torchrun, and resumable like the baseline's sets.
-        meta = {"attack": art.name, "params": art.params, "split": "test", "against": f1.key}
-        everything = torch.arange(len(labels))
-        adaptive_set = craft(attack, f1.model, test_eval.images, labels, everything, folder / "adaptive.advset", meta)
+        # The attack rerun against f1 (a fitted one, GAP, refitted): the set every experiment shares.
+        _, adaptive_set = attacked_set(run, art.name, f1, train_set, test_eval)
         adv = adaptive_set.adversarial
         adaptive = attack_metrics(
             f1.model, clean, adv, labels, art.targets(adaptive_set), bs, art.queries(adaptive_set)

@@ -139,8 +139,9 @@ def threat_experiment(
     train_set: ImageDataset,
     test_set: ImageDataset,
     test_eval: ImageDataset,
+    others: dict[str, Trained] | None = None,
 ) -> ThreatModels:
-    """The surrogate and its transfer sets, then f0 and every f1 under every probe."""
+    """The surrogate and its transfer sets, then f0, every f1 and the `others` (label → model) under every probe."""
     probe_list = probes(run.cfg)
     transfer = [p for p in probe_list if p.kind == "transfer"]
     surrogate = surrogate_stage(run, train_set, test_set) if transfer else None
@@ -157,5 +158,9 @@ def threat_experiment(
         {
             name: {n: threat_stage(run, f1, f"{name} N={n}", probe_list, sets, test_eval) for n, f1 in models.items()}
             for name, models in retrained.items()
+        },
+        {
+            label: threat_stage(run, model, label, probe_list, sets, test_eval)
+            for label, model in (others or {}).items()
         },
     )
