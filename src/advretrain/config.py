@@ -416,7 +416,7 @@ def _explain(cls: type[BaseModel], exc: ValidationError) -> str:
 def packaged_configs() -> dict[str, Path]:
     """The configs shipped in the package (`advretrain/configs/*.yaml`), by name."""
     folder = Path(str(resources.files("advretrain") / "configs"))
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)}  # by name: cpu-quick first
 
 
 def config_path(name_or_path: str | os.PathLike[str]) -> Path:
