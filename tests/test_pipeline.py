@@ -154,8 +154,8 @@ def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> Non
         assert measured["square@8/255"]["linf_median"] <= 8 / 255 + 1e-6  # NaN (nothing fooled) fails too
         assert 1 <= measured["square@8/255"]["queries_median"] <= 100  # queries counted, within the budget
     tables = (finished_run / "tables.md").read_text()
-    section = tables.split("## Threat models")[1]
-    rows = [line for line in section.splitlines() if line.startswith("| f")]
+    section = tables.split("## Threat models")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(("| f", "| reference"))]
     assert [r.split(" | ")[0] for r in rows] == [
         "| f0",
         "| f1 gap N=20",
@@ -164,7 +164,9 @@ def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> Non
         "| f1 cw N=20",
         "| f1 fgsm N=20",
         "| f1 fgsm N=10",
+        "| reference fgsm-rs",  # the reference defence under the same probes
     ]
+    assert set(threats["others"]["reference fgsm-rs"]) == set(keys)
     for name in ("gap", "deepfool", "cw", "fgsm"):  # one computed sentence per attack
         assert f"- **{name}**, retrained on N=20: " in section
     assert "GAP refitted (" in section.split("- **gap**")[1].split("\n")[0]  # a universal attack's adaptive row
