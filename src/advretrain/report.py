@@ -21,7 +21,6 @@ import torch
 from . import __version__, paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
-from .report_evaluation import evaluation_figure_files, evaluation_figures, evaluation_sections, evaluation_summary
 from .results import AttackResults, Metrics, Results, ThreatModels
 from .runtime.io import atomic_path, read_safetensors, write_text
 
@@ -330,6 +329,8 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
         csv_rows += cells
     section, cells = labels_section(results, fam)
     threats, threat_cells = threats_section(results, fam)
+    from .report_evaluation import evaluation_sections  # it builds on this module's table helpers
+
     beyond, beyond_cells = evaluation_sections(results)
     return "\n".join(md + section + threats + beyond), csv_rows + cells + threat_cells + beyond_cells
 
@@ -448,6 +449,8 @@ def summary(results: Results) -> list[str]:
         )
     if results.threats is not None:
         out += [f"Threat models, {verdicts(name, a, results.threats)}" for name, a in in_table_order(results, fam)]
+    from .report_evaluation import evaluation_summary
+
     return out + evaluation_summary(results)
 
 
@@ -472,6 +475,8 @@ def figure_list(results: Results, run_dir: Path) -> list[dict[str, str]]:
                 {"file": f"figure_{slug(name)}_perturbation.png", "caption": f"{attack.title}: the one perturbation"}
             )
     figures.append({"file": "figure_vs_n.png", "caption": "Fooling ratio and accuracy against N"})
+    from .report_evaluation import evaluation_figure_files
+
     figures += [{"file": file, "caption": caption} for file, caption in evaluation_figure_files(results)]
     return [{**f, "uri": inline_png(run_dir / f["file"])} for f in figures]
 
@@ -532,5 +537,7 @@ def write_report(run_dir: Path) -> None:
     for name, attack in results.attacks.items():
         grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)
+    from .report_evaluation import evaluation_figures
+
     evaluation_figures(results, pyplot(), run_dir)
     write_text(run_dir / "report.html", html_report(results, md, run_dir))

@@ -9,6 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .attacks import ROBUSTNESS_ATTACK
+from .report import fr_acc, save_figure
+from .report import markdown as table
 from .results import Curve, Metrics, Results, SweepRow
 
 Section = tuple[list[str], list[list[str]]]  # Markdown lines, long-format CSV rows
@@ -18,22 +21,9 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def cells(name: str, header: list[str], rows: list[list[str]]) -> list[list[str]]:
     """Long-format CSV rows (table, attack, row, column, value); these tables span attacks, so attack is "-"."""
     return [[name, "-", row[0], col, value] for row in rows for col, value in zip(header[1:], row[1:], strict=True)]
-
-
-def fr_acc(metrics: Metrics | None) -> str:
-    return (
-        "—"
-        if metrics is None
-        else f"{100 * metrics['fooling_ratio']:.1f} / {100 * metrics['adversarial_accuracy']:.1f}"
-    )
 
 
 # ---- Fooling images ---------------------------------------------------------------------------------------------
@@ -308,7 +298,7 @@ def threat_row(results: Results, label: str) -> dict[str, Metrics]:
 
 
 def defence_finding(cross: dict[str, dict[str, Metrics]], reference: str) -> str:
-    pgd = "pgd"
+    pgd = ROBUSTNESS_ATTACK
     ref = cross[reference][pgd]["adversarial_accuracy"]
     retrained = {k: v[pgd]["adversarial_accuracy"] for k, v in cross.items() if k.startswith("f1 ") and pgd in v}
     if not retrained:
@@ -376,7 +366,5 @@ def evaluation_figures(results: Results, plt: Any, out: Path) -> None:
 
 
 def save(fig: Any, path: Path) -> None:
-    from .report import save_figure  # one place for the reproducible PNG settings
-
     fig.tight_layout()  # axis labels inside the image
     save_figure(fig, path)

@@ -40,16 +40,13 @@ Fit = tuple[torch.Tensor, torch.Tensor | None, float]  # mean D, basis D×d (Non
 def fits(x: torch.Tensor, points: list[int | str]) -> dict[int | str, Fit]:
     """Each size's mean and basis: one fit at the largest size, sliced (its cost is each size's fit time)."""
     started = time.perf_counter()
-    mean, basis, out = x.mean(0), None, {}
     dims = [int(d) for d in points if d != "full"]
-    if dims:
-        mean, basis = fit_pca(x, max(dims))
+    fitted = fit_pca(x, max(dims)) if dims else None
     seconds = time.perf_counter() - started
-    for d in points:
+    out: dict[int | str, Fit] = {}
+    for d in points:  # the pixel space: its own mean (distances need no basis), no fit
         out[d] = (
-            (x.mean(0), None, 0.0)
-            if d == "full"
-            else (mean, basis[:, : int(d)] if basis is not None else None, seconds)
+            (x.mean(0), None, 0.0) if fitted is None or d == "full" else (fitted[0], fitted[1][:, : int(d)], seconds)
         )
     return out
 
