@@ -1,17 +1,23 @@
 """Benchmark: advretrain's Square against torchattacks' Square and ART's SquareAttack, on one model, the same
 correctly classified CIFAR-10 test images, ε and query budget (L-inf, margin loss, p_init 0.8, one restart).
 
-Prints, per library: images/s, success rate (the share of the correctly classified images it misclassifies), L-inf
-of the perturbations, and (ours) mean and median queries of the fooled images. Without --checkpoint the default
-run's baseline recipe trains a small CNN on the bundled sample first (about 55% accuracy, a few seconds a epoch).
+Prints, per library and seed: images/s, success rate (the share of the correctly classified images it
+misclassifies), L-inf of the perturbations, and (ours) mean and median queries of the fooled images; then, per
+library, the mean and spread of the success rate over the seeds. One seed's success is one draw of windows and signs:
+at 200 images its standard error is about 3 points, so two libraries are compared over several seeds (--seeds).
+Every library gets the same budget of model queries per image, the initial stripes included (the peers count only
+their window steps, so they are given one step fewer). Without --checkpoint the default run's baseline recipe trains
+a small CNN on the bundled sample first (about 55% accuracy, a few seconds a epoch).
 Peers: `pip install adversarial-robustness-toolbox packaging scipy` and `pip install --no-deps torchattacks`.
 
-    python benchmarks/square_vs_peers.py --images 200 --queries 1000
+    python benchmarks/square_vs_peers.py --images 200 --queries 1000 --seeds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -35,9 +41,9 @@ def baseline(checkpoint: str | None) -> nn.Module:
     return train(build_model("small", 10), data, cfg, torch.device("cpu"), progress=False).model
 
 
-def runners(eps: float, queries: int) -> dict[str, Runner]:
+def runners(eps: float, queries: int, seed: int) -> dict[str, Runner]:
     def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        result = Square(eps=eps, max_queries=queries)(model, x, y)
+        result = Square(eps=eps, max_queries=queries, seed=seed)(model, x, y)
         assert result.iterations is not None
         fooled = result.iterations[result.success].double()
         if fooled.numel():
@@ -47,7 +53,10 @@ def runners(eps: float, queries: int) -> dict[str, Runner]:
     def torchattacks_square(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         import torchattacks
 
-        attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=queries, p_init=0.8, loss="margin")
+        # n_queries counts window steps after the initial stripes: queries - 1 of them make `queries` in all
+        attack = torchattacks.Square(
+            model, norm="Linf", eps=eps, n_queries=queries - 1, p_init=0.8, loss="margin", seed=seed
+        )
         return attack(x, y)  # type: ignore[no-any-return]
 
     def art_square(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -57,7 +66,9 @@ def runners(eps: float, queries: int) -> dict[str, Runner]:
         classifier = PyTorchClassifier(
             model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0)
         )
-        attack = SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=queries, p_init=0.8, batch_size=len(x))
+        np.random.seed(seed)  # ART draws from numpy's and Python's global generators
+        random.seed(seed)
+        attack = SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=queries - 1, p_init=0.8, batch_size=len(x))
         attack.verbose = False
         return torch.from_numpy(attack.generate(x.numpy(), y=y.numpy()))
 
@@ -71,6 +82,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="correctly classified test images attacked")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=1, help="attack seeds 0..K-1 per library")
+    parser.add_argument("--libraries", default="advretrain,torchattacks,ART")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     model = baseline(args.checkpoint).eval()
@@ -79,13 +92,31 @@ def main() -> None:
     correct = predict(model, x_all).argmax(1) == y_all
     x, y = x_all[correct][: args.images], y_all[correct][: args.images]
     print(f"{len(y)} correctly classified test images of {args.data}, eps {args.eps:.5f}, {args.queries} queries")
-    for name, run in runners(args.eps, args.queries).items():
-        started = time.perf_counter()
-        adv = run(model, x.clone(), y.clone()).detach().float()
-        seconds = time.perf_counter() - started
-        success = float((predict(model, adv).argmax(1) != y).float().mean())
-        linf = float((adv - x).abs().amax())
-        print(f"{name:13s} {len(y) / seconds:8.1f} images/s  success {success:.4f}  L-inf {linf * 255:.2f}/255")
+    names = args.libraries.split(",")
+    successes: dict[str, list[float]] = {name: [] for name in names}
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for seed in range(args.seeds):
+        library = runners(args.eps, args.queries, seed)
+        for name in names:
+            started = time.perf_counter()
+            adv = library[name](model, x.clone(), y.clone()).detach().float()
+            seconds = time.perf_counter() - started
+            success = float((predict(model, adv).argmax(1) != y).float().mean())
+            linf = float((adv - x).abs().amax())
+            successes[name].append(success)
+            rates[name].append(len(y) / seconds)
+            print(
+                f"{name:13s} seed {seed}  {len(y) / seconds:8.1f} images/s  success {success:.4f}  "
+                f"L-inf {linf * 255:.2f}/255",
+                flush=True,
+            )
+    for name in names:
+        spread = statistics.stdev(successes[name]) if len(successes[name]) > 1 else float("nan")
+        print(
+            f"{name:13s} over {args.seeds} seed(s): success {statistics.mean(successes[name]):.4f} "
+            f"(sd {spread:.4f}, min {min(successes[name]):.4f}, max {max(successes[name]):.4f}), "
+            f"{statistics.mean(rates[name]):.1f} images/s"
+        )
 
 
 if __name__ == "__main__":

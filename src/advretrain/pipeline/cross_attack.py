@@ -20,7 +20,7 @@ from ..attacks import ROBUSTNESS_ATTACK, get_attack
 from ..data import ImageDataset, to_float
 from ..metrics import attack_metrics, predict
 from ..results import Curve, Metrics
-from .stages import Run, Trained, attacked_set, baseline, cached_stage, digest
+from .stages import Run, Trained, attacked_set, baseline, cached_stage, digest, set_queries, set_targets
 
 log = logging.getLogger("advretrain.pipeline")
 
@@ -58,10 +58,16 @@ def columns(run: Run) -> list[str]:
 def cell_metrics(model: Trained, name: str, crafted: AdversarialSet, test_eval: ImageDataset, bs: int) -> Metrics:
     """What the protocol reports for the same set: targeted success where the attack aims, queries where it counts."""
     spec = get_attack(name)
-    targets = crafted.targets if spec.targeted and bool((crafted.targets >= 0).all()) else None
-    queries = crafted.iterations if spec.threat == "query" and bool((crafted.iterations >= 0).all()) else None
     clean = to_float(test_eval.images)
-    return attack_metrics(model.model, clean, crafted.adversarial, test_eval.labels, targets, bs, queries)
+    return attack_metrics(
+        model.model,
+        clean,
+        crafted.adversarial,
+        test_eval.labels,
+        set_targets(spec, crafted),
+        bs,
+        set_queries(spec, crafted),
+    )
 
 
 def cross_row(

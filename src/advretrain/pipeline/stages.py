@@ -233,6 +233,17 @@ def pool_indices(cfg: ExperimentConfig, train_size: int, size: int) -> torch.Ten
     return torch.randperm(train_size, generator=torch.Generator().manual_seed(cfg.train.seed + 1))[:size]
 
 
+def set_targets(spec: AttackSpec, adversarial_set: AdversarialSet) -> torch.Tensor | None:
+    """A targeted attack's targets (success is then reaching them), else None."""
+    return adversarial_set.targets if spec.targeted and bool((adversarial_set.targets >= 0).all()) else None
+
+
+def set_queries(spec: AttackSpec, adversarial_set: AdversarialSet) -> torch.Tensor | None:
+    """A query attack's queries per image (what it cost the attacker), else None."""
+    counted = spec.threat == "query" and bool((adversarial_set.iterations >= 0).all())
+    return adversarial_set.iterations if counted else None
+
+
 @dataclass
 class AttackArtifacts:
     spec: AttackSpec
@@ -247,12 +258,10 @@ class AttackArtifacts:
         return self.spec.name
 
     def targets(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
-        return adversarial_set.targets if self.spec.targeted and bool((adversarial_set.targets >= 0).all()) else None
+        return set_targets(self.spec, adversarial_set)
 
     def queries(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
-        """A query attack's queries per image (what it cost the attacker), else None."""
-        counted = self.spec.threat == "query" and bool((adversarial_set.iterations >= 0).all())
-        return adversarial_set.iterations if counted else None
+        return set_queries(self.spec, adversarial_set)
 
 
 def attacked_set(
