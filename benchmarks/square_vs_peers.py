@@ -85,7 +85,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="attack seeds 0..K-1 per library")
     parser.add_argument("--libraries", default="advretrain,torchattacks,ART")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     model = baseline(args.checkpoint).eval()
     test = load_dataset(args.data, "test").stratified(100)
     x_all, y_all = test.images.float() / 255, test.labels

@@ -14,15 +14,16 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import __version__, paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
-from .results import AttackResults, Metrics, Results, ThreatModels
-from .runtime.io import atomic_path, read_safetensors, write_text
+from .report_evaluation import evaluation_figure_files, evaluation_figures, evaluation_sections, evaluation_summary
+from .report_format import fr_acc, markdown, pyplot, save_figure
+from .results import AttackResults, Results, ThreatModels
+from .runtime.io import read_safetensors, write_text
 
 
 def pct(x: float | None) -> str:
@@ -98,11 +99,6 @@ def arms_race_rows(attack: AttackResults) -> tuple[list[str], list[list[str]]]:
 
 def fmt_l2(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def findings(name: str, attack: AttackResults) -> list[str]:
@@ -239,13 +235,6 @@ def outcome(before: float, after: float) -> str:
     return "stopped" if after <= STOPPED * before else "weakened" if after <= WEAKENED * before else "did not stop"
 
 
-def fr_acc(metrics: Metrics | None) -> str:
-    """A threat-model cell: fooling ratio / accuracy under attack, in %."""
-    if metrics is None:
-        return "—"
-    return f"{100 * metrics['fooling_ratio']:.1f} / {100 * metrics['adversarial_accuracy']:.1f}"
-
-
 def threat_rows(results: Results, threats: ThreatModels, fam: str) -> tuple[list[str], list[list[str]]]:
     header = ["Model", "replayed f0-adversarials", "adaptive white-box (GAP: refitted)"]
     header += [probe.key for probe in threats.probes]
@@ -329,26 +318,8 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
         csv_rows += cells
     section, cells = labels_section(results, fam)
     threats, threat_cells = threats_section(results, fam)
-    from .report_evaluation import evaluation_sections  # it builds on this module's table helpers
-
     beyond, beyond_cells = evaluation_sections(results)
     return "\n".join(md + section + threats + beyond), csv_rows + cells + threat_cells + beyond_cells
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot, imported on first use (~0.8 s: every command would pay it) and drawing to files only."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})  # no version stamp: reproducible
-    pyplot().close(fig)
 
 
 FigureData = tuple[dict[str, torch.Tensor], list[str]]
@@ -449,8 +420,6 @@ def summary(results: Results) -> list[str]:
         )
     if results.threats is not None:
         out += [f"Threat models, {verdicts(name, a, results.threats)}" for name, a in in_table_order(results, fam)]
-    from .report_evaluation import evaluation_summary
-
     return out + evaluation_summary(results)
 
 
@@ -475,8 +444,6 @@ def figure_list(results: Results, run_dir: Path) -> list[dict[str, str]]:
                 {"file": f"figure_{slug(name)}_perturbation.png", "caption": f"{attack.title}: the one perturbation"}
             )
     figures.append({"file": "figure_vs_n.png", "caption": "Fooling ratio and accuracy against N"})
-    from .report_evaluation import evaluation_figure_files
-
     figures += [{"file": file, "caption": caption} for file, caption in evaluation_figure_files(results)]
     return [{**f, "uri": inline_png(run_dir / f["file"])} for f in figures]
 
@@ -537,7 +504,5 @@ def write_report(run_dir: Path) -> None:
     for name, attack in results.attacks.items():
         grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)
-    from .report_evaluation import evaluation_figures
-
     evaluation_figures(results, pyplot(), run_dir)
     write_text(run_dir / "report.html", html_report(results, md, run_dir))

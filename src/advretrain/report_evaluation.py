@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .attacks import ROBUSTNESS_ATTACK
-from .report import fr_acc, save_figure
-from .report import markdown as table
+from .report_format import fr_acc, save_figure
+from .report_format import markdown as table
 from .results import Curve, Metrics, Results, SweepRow
 
 Section = tuple[list[str], list[list[str]]]  # Markdown lines, long-format CSV rows

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from ..advset import AdversarialSet
 from ..attacks import ROBUSTNESS_ATTACK, get_attack
 from ..data import ImageDataset, to_float
@@ -55,19 +57,13 @@ def columns(run: Run) -> list[str]:
     return [*run.cfg.attacks, *([] if ROBUSTNESS_ATTACK in run.cfg.attacks else [ROBUSTNESS_ATTACK])]
 
 
-def cell_metrics(model: Trained, name: str, crafted: AdversarialSet, test_eval: ImageDataset, bs: int) -> Metrics:
+def cell_metrics(
+    model: Trained, name: str, crafted: AdversarialSet, clean: torch.Tensor, labels: torch.Tensor, bs: int
+) -> Metrics:
     """What the protocol reports for the same set: targeted success where the attack aims, queries where it counts."""
     spec = get_attack(name)
-    clean = to_float(test_eval.images)
-    return attack_metrics(
-        model.model,
-        clean,
-        crafted.adversarial,
-        test_eval.labels,
-        set_targets(spec, crafted),
-        bs,
-        set_queries(spec, crafted),
-    )
+    targets, queries = set_targets(spec, crafted), set_queries(spec, crafted)
+    return attack_metrics(model.model, clean, crafted.adversarial, labels, targets, bs, queries)
 
 
 def cross_row(
@@ -81,8 +77,9 @@ def cross_row(
 
     def compute() -> dict[str, Metrics]:
         log.info("cross-attack: %s under %s", label, ", ".join(names))
+        clean, labels = to_float(test_eval.images), test_eval.labels  # N×C×H×W in [0,1], once for every column
         return {
-            n: cell_metrics(model, n, attacked_set(run, n, model, train_set, test_eval)[1], test_eval, bs)
+            n: cell_metrics(model, n, attacked_set(run, n, model, train_set, test_eval)[1], clean, labels, bs)
             for n in names
         }
 

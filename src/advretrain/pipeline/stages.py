@@ -257,12 +257,6 @@ class AttackArtifacts:
     def name(self) -> str:
         return self.spec.name
 
-    def targets(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
-        return set_targets(self.spec, adversarial_set)
-
-    def queries(self, adversarial_set: AdversarialSet) -> torch.Tensor | None:
-        return set_queries(self.spec, adversarial_set)
-
 
 def attacked_set(
     run: Run, name: str, victim: Trained, train_set: ImageDataset, test_eval: ImageDataset
@@ -382,7 +376,7 @@ def evaluate_stage(
         _, adaptive_set = attacked_set(run, art.name, f1, train_set, test_eval)
         adv = adaptive_set.adversarial
         adaptive = attack_metrics(
-            f1.model, clean, adv, labels, art.targets(adaptive_set), bs, art.queries(adaptive_set)
+            f1.model, clean, adv, labels, set_targets(art.spec, adaptive_set), bs, set_queries(art.spec, adaptive_set)
         )
         return RetrainRow(
             n,
@@ -430,7 +424,7 @@ def figure_data(run: Run, art: AttackArtifacts, f0: Classifier, test_eval: Image
 def initial_metrics(run: Run, model: Classifier, art: AttackArtifacts, test_eval: ImageDataset) -> dict[str, float]:
     """How well the attack fools the model it was crafted against, on the static test set."""
     clean = to_float(test_eval.images)
-    targets = art.targets(art.static)
+    targets = set_targets(art.spec, art.static)
     return attack_metrics(
         model, clean, art.static.adversarial, test_eval.labels, targets, run.cfg.train.eval_batch_size
     )
