@@ -41,6 +41,8 @@ def main() -> None:
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.test_images]
     x = to_float(test.images[pick])
     clean = predict(model, x).argmax(1)  # once: every variant's FR is against these predictions
+    accuracy = float((clean == test.labels[pick]).float().mean())
+    print(f"model accuracy on the {len(pick)} test images: {accuracy:.4f}\n")
     print("| loss | lr | steps/epoch | init | held-out FR per epoch | saturation per epoch | test FR | fit s |")
     print("|---|---|---|---|---|---|---|---|")
     grid = itertools.product(
