@@ -289,7 +289,7 @@ def threats_section(results: Results, fam: str) -> tuple[list[str], list[list[st
             if surrogate
             else ""
         )
-        + " and submitted unchanged. Budgets are L-inf in [0,1] pixels.\n"
+        + " and submitted unchanged. Budgets are in [0,1] pixels, L-inf where a column names no other norm.\n"
     )
     md.append(markdown(header, rows) + "\n")
     md.append(

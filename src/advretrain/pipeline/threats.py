@@ -50,6 +50,14 @@ def budgets_for(settings: dict[str, Any], extra: list[float]) -> Sequence[float 
     return sorted([own, *(b for b in extra if abs(b - own) > 1e-9)])
 
 
+def budget_suffix(settings: dict[str, Any], eps: float | None) -> str:
+    """A column's budget: "@8/255" for an L-inf one, "@L2 0.5" for an attack with another norm, else nothing."""
+    if eps is not None:
+        return f"@{budget_name(eps)}"
+    norm, own = settings.get("norm"), settings.get("eps")
+    return f"@{norm.upper()} {own:g}" if isinstance(norm, str) and isinstance(own, float) else ""
+
+
 def probes(cfg: ExperimentConfig) -> list[Probe]:
     """Every (attack, budget) column: query attacks first, then transfer attacks, each at ascending budgets."""
     out: list[Probe] = []
@@ -58,9 +66,7 @@ def probes(cfg: ExperimentConfig) -> list[Probe]:
             settings = get_attack(name).configure(cfg.attack.get(name)).model_dump(mode="json")
             for eps in budgets_for(settings, cfg.threats.budgets):
                 at = settings if eps is None or eps == settings["eps"] else at_budget(settings, eps)
-                key = (
-                    ("transfer " if kind == "transfer" else "") + name + ("" if eps is None else f"@{budget_name(eps)}")
-                )
+                key = ("transfer " if kind == "transfer" else "") + name + budget_suffix(settings, eps)
                 out.append(Probe(key, kind, name, at, eps))
     return out
 
