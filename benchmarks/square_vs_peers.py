@@ -29,7 +29,7 @@ from torch import nn
 
 from advretrain import ExperimentConfig, build_config, build_model, load_dataset, load_model, train
 from advretrain.attacks import Square
-from advretrain.metrics import predict
+from advretrain.metrics import norms, predict
 
 Runner = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -120,8 +120,8 @@ def main() -> None:
             adv = library[name](model, x.clone(), y.clone()).detach().float()
             seconds = time.perf_counter() - started
             success = float((predict(model, adv).argmax(1) != y).float().mean())
-            delta = (adv - x).flatten(1)
-            size = float(delta.abs().amax() * 255 if args.norm == "linf" else delta.norm(dim=1).amax())
+            l2, linf = norms(x, adv)
+            size = float(linf.amax() * 255 if args.norm == "linf" else l2.amax())
             successes[name].append(success)
             rates[name].append(len(y) / seconds)
             print(

@@ -12,6 +12,7 @@ and signs whatever batch, shard or process it is attacked in, and whatever other
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated, Literal
 
@@ -53,6 +54,11 @@ def signs(bits: torch.Tensor) -> torch.Tensor:
     return (bits & 1).float() * 2 - 1  # ±1
 
 
+def corner(bits: torch.Tensor, s: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An s×s window's top-left corner (N, N) anywhere inside an H×W image, from two draws per image (N×2)."""
+    return bits[:, 0] % (h - s + 1), bits[:, 1] % (w - s + 1)
+
+
 def windows(top: torch.Tensor, left: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
     """N×1×H×W masks, 1 on each image's s×s window whose corner is (top, left) (N each), 0 elsewhere."""
     rows = torch.arange(h, device=top.device)[None, :]
@@ -74,6 +80,7 @@ def centred_rectangle(height: int, width: int) -> torch.Tensor:
     return pattern / pattern.square().sum().sqrt().clamp_min(1e-12)
 
 
+@functools.lru_cache(maxsize=64)  # one s per halving of the schedule: built once, not at every query
 def l2_pattern(s: int) -> torch.Tensor:
     """The reference's `eta` without its random transpose (drawn per image by the caller): s×s, unit L2 norm, a
     centred rectangle on the top half and its negative on the bottom half."""
@@ -181,15 +188,13 @@ class Square:
         tile_signs = signs(bits[:, : c * rows * cols]).view(n, c, rows, cols)
         transposed = (bits[:, c * rows * cols :] & 1).bool().view(n, 1, rows, cols)
         pattern = l2_pattern(s).to(x0)
-        tiles = torch.where(
-            transposed.repeat_interleave(s, 2).repeat_interleave(s, 3),
-            pattern.T.repeat(rows, cols),
-            pattern.repeat(rows, cols),
-        )  # N×1×(rows·s)×(cols·s)
+
+        def per_pixel(t: torch.Tensor) -> torch.Tensor:  # N×·×rows×cols → N×·×(rows·s)×(cols·s)
+            return t.repeat_interleave(s, 2).repeat_interleave(s, 3)
+
+        tiles = torch.where(per_pixel(transposed), pattern.T.repeat(rows, cols), pattern.repeat(rows, cols))
         delta = torch.zeros_like(x0)
-        delta[:, :, top : top + rows * s, left : left + cols * s] = tiles * tile_signs.repeat_interleave(
-            s, 2
-        ).repeat_interleave(s, 3)
+        delta[:, :, top : top + rows * s, left : left + cols * s] = tiles * per_pixel(tile_signs)
         return (x0 + self.eps * unit_l2(delta)).clamp(0, 1)
 
     def _step_l2(self, x0: torch.Tensor, best: torch.Tensor, keys: torch.Tensor, query: int, s: int) -> torch.Tensor:
@@ -198,9 +203,9 @@ class Square:
         perturbation is scaled back to L2 norm ε and the image clipped to [0,1]."""
         _, c, h, w = x0.shape
         bits = draws(keys, query, 5 + c)  # N×(5+C): two windows' corners, an orientation, C signs
-        top, left = bits[:, 0] % (h - s + 1), bits[:, 1] % (w - s + 1)  # N, N: the first window's corner
+        top, left = corner(bits[:, 0:2], s, h, w)  # N, N: the first window's corner
         first = windows(top, left, s, h, w).to(x0.dtype)  # N×1×H×W
-        both = torch.maximum(first, windows(bits[:, 2] % (h - s + 1), bits[:, 3] % (w - s + 1), s, h, w))
+        both = torch.maximum(first, windows(*corner(bits[:, 2:4], s, h, w), s, h, w))
         placed = self._placed(l2_pattern(s).to(x0), bits[:, 4] & 1, top, left, h, w) * first  # N×1×H×W
         delta = best - x0  # N×C×H×W, L2 norm ≤ ε
         old = delta * first
@@ -231,7 +236,7 @@ class Square:
         """
         _, c, h, w = x0.shape
         bits = draws(keys, query, 2 + c * (1 + _REDRAWS))  # N×(2 + C·k): the window's corner, then C signs a draw
-        window = windows(bits[:, 0] % (h - s + 1), bits[:, 1] % (w - s + 1), s, h, w).to(x0.dtype)  # N×1×H×W
+        window = windows(*corner(bits[:, 0:2], s, h, w), s, h, w).to(x0.dtype)  # N×1×H×W
         candidate = self._set_window(x0, best, window, bits[:, 2 : 2 + c])
         for redraw in range(1, _REDRAWS + 1):
             same = (candidate == best).flatten(1).all(1).nonzero().squeeze(1)  # images the draw left unchanged
