@@ -20,21 +20,15 @@ import time
 import torch
 
 from advretrain import load_dataset, load_model
-from advretrain.attacks.base import frozen
+from advretrain.attacks.base import frozen, margin
 from advretrain.data import to_float
-from advretrain.metrics import predict
+from advretrain.metrics import fooling_ratio, predict
 from advretrain.runtime.device import resolve_device
 
 
-def clamped_margin(logits: torch.Tensor, pred: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Mean over the batch of max(Z_pred − max_{i≠pred} Z_i, −κ); logits N×classes, pred N."""
-    own = logits.gather(1, pred[:, None]).squeeze(1)
-    others = logits.scatter(1, pred[:, None], float("-inf")).amax(1)
-    return (own - others).clamp_min(-kappa).mean()
-
-
-def fooling_ratio(model: torch.nn.Module, x: torch.Tensor, clean: torch.Tensor, u: torch.Tensor) -> float:
-    return float((predict(model, (x + u).clamp(0, 1)).argmax(1) != clean).float().mean())
+def universal_fr(model: torch.nn.Module, x: torch.Tensor, clean: torch.Tensor, u: torch.Tensor) -> float:
+    """The fooling ratio of the pattern u (1×C×H×W) on x, against the clean predictions (N)."""
+    return fooling_ratio(clean, predict(model, (x + u).clamp(0, 1)).argmax(1))
 
 
 def main() -> None:
@@ -70,11 +64,12 @@ def main() -> None:
                 with torch.no_grad():
                     pred = model(xb).argmax(1)
                 w = u.clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(clamped_margin(model((xb + w).clamp(0, 1)), pred, args.kappa), w)
+                loss = margin(model((xb + w).clamp(0, 1)), pred).clamp_min(-args.kappa).mean()
+                (grad,) = torch.autograd.grad(loss, w)
                 size = args.step_size / 255 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
                 u = (u - size * grad.sign()).clamp(-eps, eps)
                 if step + 1 in marks:
-                    frs.append(fooling_ratio(model, x, clean, u.cpu()))
+                    frs.append(universal_fr(model, x, clean, u.cpu()))
         seconds = time.perf_counter() - started
         print(f"| {eps * 255:g}/255 | {' / '.join(f'{fr:.4f}' for fr in frs)} | {seconds:.0f} |", flush=True)
 

@@ -138,3 +138,10 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(out).all()):
         raise AttackError("the model's logits are NaN or inf; check the checkpoint (its weights may have diverged)")
     return out
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Z_y − max_{i≠y} Z_i per image (N; logits N×classes): positive while the model still predicts y."""
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return own - others

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import AttackError, AttackResult, Count, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, logits_of, margin, run_batched
 
 _MASK32 = 0xFFFFFFFF
 # p_init is halved at these shares of the query budget (in 1/10,000; the reference's schedule).
@@ -93,9 +93,14 @@ def per_channel_norm(delta: torch.Tensor) -> torch.Tensor:
     return delta.flatten(2).square().sum(2).sqrt().clamp_min(1e-12)[:, :, None, None]
 
 
+def image_norm(delta: torch.Tensor) -> torch.Tensor:
+    """N×1×1×1: each image's L2 norm over all its channels and pixels."""
+    return delta.flatten(1).square().sum(1).sqrt().view(-1, 1, 1, 1)
+
+
 def unit_l2(delta: torch.Tensor) -> torch.Tensor:
     """Each image's perturbation (N×C×H×W) scaled to L2 norm 1 (a zero one stays zero)."""
-    return delta / delta.flatten(1).square().sum(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+    return delta / image_norm(delta).clamp_min(1e-12)
 
 
 class Square:
@@ -154,15 +159,15 @@ class Square:
     def _attack(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> AttackResult:
         n, _, h, w = x0.shape
         keys = image_keys(x0, self.seed)
-        best = self._start_l2(x0, keys) if self.norm == "l2" else self._start_linf(x0, keys)
+        start, step = (self._start_l2, self._step_l2) if self.norm == "l2" else (self._start_linf, self._step_linf)
+        best = start(x0, keys)
         margin = self._margin(model, best, y)  # N
         queries = torch.ones(n, dtype=torch.long, device=x0.device)
         for query in range(1, self.max_queries):
             active = (margin > 0).nonzero().squeeze(1)  # the images not fooled yet: the only ones queried
             if active.numel() == 0:
                 break
-            s, step = self.side(query, h, w), self._step_l2 if self.norm == "l2" else self._step_linf
-            candidate = step(x0[active], best[active], keys[active], query, s)
+            candidate = step(x0[active], best[active], keys[active], query, self.side(query, h, w))
             new_margin = self._margin(model, candidate, y[active])
             # accept where the margin fell, or where the image is now misclassified
             better = (new_margin < margin[active]) | (new_margin <= 0)
@@ -210,9 +215,8 @@ class Square:
         delta = best - x0  # N×C×H×W, L2 norm ≤ ε
         old = delta * first
         new = placed * signs(bits[:, 5 : 5 + c]).to(x0.dtype).view(-1, c, 1, 1) + old / per_channel_norm(old)
-        image_norm = delta.flatten(1).square().sum(1).sqrt().view(-1, 1, 1, 1)  # N×1×1×1
-        moved = (delta * both).flatten(1).square().sum(1).sqrt().view(-1, 1, 1, 1)  # N×1×1×1: the two windows' mass
-        mass = ((self.eps**2 - image_norm**2).clamp_min(0) / c + moved**2).sqrt()  # each channel's new window norm
+        moved = image_norm(delta * both)  # N×1×1×1: the two windows' mass
+        mass = ((self.eps**2 - image_norm(delta) ** 2).clamp_min(0) / c + moved**2).sqrt()  # each channel's window norm
         delta = delta * (1 - both) + new / per_channel_norm(new) * mass
         return (x0 + self.eps * unit_l2(delta)).clamp(0, 1)
 
@@ -258,7 +262,4 @@ class Square:
     @staticmethod
     def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """m = Z_y − max_{i≠y} Z_i (N): positive while the model still predicts the label."""
-        logits = logits_of(model, x).float()
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-        return true - others
+        return margin(logits_of(model, x).float(), y)
