@@ -161,20 +161,20 @@ class Square:
         keys = image_keys(x0, self.seed)
         start, step = (self._start_l2, self._step_l2) if self.norm == "l2" else (self._start_linf, self._step_linf)
         best = start(x0, keys)
-        margin = self._margin(model, best, y)  # N
+        margins = self._margin(model, best, y)  # N
         queries = torch.ones(n, dtype=torch.long, device=x0.device)
         for query in range(1, self.max_queries):
-            active = (margin > 0).nonzero().squeeze(1)  # the images not fooled yet: the only ones queried
+            active = (margins > 0).nonzero().squeeze(1)  # the images not fooled yet: the only ones queried
             if active.numel() == 0:
                 break
             candidate = step(x0[active], best[active], keys[active], query, self.side(query, h, w))
             new_margin = self._margin(model, candidate, y[active])
             # accept where the margin fell, or where the image is now misclassified
-            better = (new_margin < margin[active]) | (new_margin <= 0)
+            better = (new_margin < margins[active]) | (new_margin <= 0)
             best[active[better]] = candidate[better]
-            margin[active[better]] = new_margin[better]
+            margins[active[better]] = new_margin[better]
             queries[active] += 1
-        return AttackResult(best, margin <= 0, iterations=queries)
+        return AttackResult(best, margins <= 0, iterations=queries)
 
     def _start_linf(self, x0: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The reference's start: vertical stripes, ±ε per channel and column."""
