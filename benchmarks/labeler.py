@@ -56,7 +56,7 @@ def cifar(args: argparse.Namespace) -> None:
     sources = torch.randperm(len(train), generator=rng)[: args.queries]
     test_idx = torch.arange(min(args.queries, len(test)))
     if args.gap:
-        universal = GAP().load_state_dict(*read_safetensors(args.gap, "fitted GAP")).perturbation
+        universal = GAP().load_state_dict(*read_safetensors(args.gap, "fitted GAP", "fit it again")).perturbation
         name = "GAP universal perturbation"
     else:
         universal = torch.sign(torch.randn(1, *train.images.shape[1:], generator=rng)) * 10 / 255

@@ -195,7 +195,7 @@ def test_gap_state_round_trips_through_a_file(tmp_path) -> None:  # type: ignore
     model = BrightnessClassifier()
     gap = GAP(epochs=1, batch_size=64, holdout=50, ngf=4).fit(model, brightness_task(200)[0])
     save_state(tmp_path / "gap.safetensors", gap)
-    loaded = GAP().load_state_dict(*read_safetensors(tmp_path / "gap.safetensors", "GAP"))
+    loaded = GAP().load_state_dict(*read_safetensors(tmp_path / "gap.safetensors", "GAP", "fit it again"))
     x, y = brightness_task(20, seed=5)
     assert torch.equal(loaded(model, x, y).adversarial, gap(model, x, y).adversarial)
     assert loaded.history == gap.history and "saturation" in loaded.history[0]

@@ -143,7 +143,7 @@ def test_truncated_jpeg_is_named(image_folder: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda r: (r / "train" / "extra").mkdir(), r"different classes \(e\.g\. extra\)"),
+        (lambda r: (r / "train" / "extra").mkdir(), r"different classes \(e\.g\. 'extra'\)"),
         (lambda r: [p.unlink() for p in (r / "train" / "bird").iterdir()], r"train/bird: empty class folder"),
         (lambda r: (r / "train" / "bird" / "notes.txt").write_text("x"), r"notes\.txt: not an image file"),
         (

@@ -62,7 +62,7 @@ def test_two_process_sharded_attack_equals_the_single_process_set(two_ranks: Pat
 def test_gap_fitted_by_two_processes_equals_one_process(two_ranks: Path) -> None:
     torch.manual_seed(1)
     one = fit_gap(build_model("small", 4, 16).eval())
-    two = GAP().load_state_dict(*read_safetensors(two_ranks / "gap.safetensors", "GAP"))
+    two = GAP().load_state_dict(*read_safetensors(two_ranks / "gap.safetensors", "GAP", "fit it again"))
     assert one.perturbation is not None and two.perturbation is not None
     # the same steps on the same global batches; only the order of the loss sums differs
     torch.testing.assert_close(two.perturbation, one.perturbation, rtol=0, atol=1e-5)

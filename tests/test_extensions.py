@@ -115,7 +115,7 @@ def test_a_model_builder_by_import_path_is_trained_attacked_retrained_and_reload
     )
     assert results.model == "test_extensions:tiny_net" and 0 <= results.attacks["fgsm"].retrain[0].clean_accuracy <= 1
     retrained = next((tmp_path / "r" / "stages").glob("retrain-fgsm-N20-*"))
-    model = advretrain.load_model(retrained)
+    model = advretrain.load_model(retrained, builder="test_extensions:tiny_net")  # the user names their code
     assert model.spec.name == "test_extensions:tiny_net" and isinstance(model.net, nn.Sequential)
     images = torch.rand(4, 3, 32, 32)
     assert model(images).shape == (4, 10)

@@ -370,7 +370,10 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     (tmp / "gap.safetensors").write_bytes(b"\x00" * 64)
     ckpt = str(checkpoint(tmp))
     args = ["attack", "--checkpoint", ckpt, "--attack", "gap", "--data", str(folder(tmp)), "--out", str(tmp / "a")]
-    return [*args, "--fitted", str(tmp / "gap.safetensors")], ["not a readable fitted gap", "write it again"]
+    return [*args, "--fitted", str(tmp / "gap.safetensors")], [
+        "not a readable fitted gap",
+        "give the fitted.safetensors an attack wrote",
+    ]
 
 
 @case("folder-that-is-not-an-adversarial-set")

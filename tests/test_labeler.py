@@ -109,7 +109,7 @@ def test_saved_and_reloaded_labeler_gives_identical_labels(tmp_path: Path) -> No
     x, y = low_rank_images(300)
     labeler = KNNLabeler(pca_dims=6, k=3, fooling_percentile=99).fit(x, y)
     save_state(tmp_path / "labeler.safetensors", labeler)
-    loaded = KNNLabeler.from_state_dict(*read_safetensors(tmp_path / "labeler.safetensors", "labeler"))
+    loaded = KNNLabeler.from_state_dict(*read_safetensors(tmp_path / "labeler.safetensors", "labeler", "fit it again"))
     queries = torch.cat([low_rank_images(100, seed=3)[0], noise_images(20, (3, 8, 8))])
     assert torch.equal(loaded.predict(queries), labeler.predict(queries))
     assert loaded.threshold == labeler.threshold

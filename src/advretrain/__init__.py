@@ -3,7 +3,8 @@
 Public API (stable names):
     load_dataset(spec, split, root=None) → ImageDataset (.images uint8 N×C×H×W, .labels int64 N, .classes)
     build_model(name, num_classes, image_size=32, flip_average=False) → nn.Module mapping [0,1] N×C×H×W to logits
-    load_model(checkpoint_path) → the trained model, in eval mode
+    load_model(checkpoint_path, builder=None) → the trained model, in eval mode; no code runs unless `builder` names
+        the file's own package.module:builder
     train(model, data, cfg, device, test=None) → TrainResult: the loop, tensors in, weights and metrics out
     train_resumable(model, data, cfg, device, out_dir, test=None) → TrainResult: checkpointed, resumable, saved
     evaluate(model, images, labels) → top-1 accuracy

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,16 @@ from safetensors import SafetensorError, safe_open
 
 from .config import TrainConfig
 from .data import ImageDataset
-from .errors import AdvretrainError, CheckpointError, ConfigError
+from .errors import AdvretrainError, CheckpointError, ConfigError, printable
 from .models import Classifier, ModelSpec, build_model
+from .plugins import is_import_path
 from .runtime.distributed import barrier, is_main
 from .runtime.faults import kill_point
 from .runtime.io import read_safetensors, save_safetensors, save_torch, write_json
 from .runtime.rundir import same_config
 from .train import TrainResult, TrainState, train
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"  # the last epoch's TrainState, with the job's fingerprint and config
 MODEL_FILE = "model.safetensors"
@@ -46,29 +50,38 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         ) from exc
 
 
-def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Classifier:
+def load_model(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", builder: str | None = None
+) -> Classifier:
     """Rebuild a trained model (eval mode) from a `model.safetensors` written by training.
 
-    A training folder is accepted too (its `model.safetensors` is used).
+    A training folder is accepted too (its `model.safetensors` is used). Loading runs no code: the model the
+    metadata names is looked up in the registry (`models.MODELS`); a model built by a user's own code
+    (`package.module:builder`) is built only when the caller names that builder as `builder` (the user's
+    `model.name`, or `--model` on the command line), and the file must name the same one.
     """
     file = Path(path)
     if file.is_dir():
         file = file / MODEL_FILE
     if not file.exists():
         raise CheckpointError(f"checkpoint {file} does not exist; train a model first or check the path")
-    meta = read_metadata(file)
-    try:
-        spec = ModelSpec(**json.loads(meta["spec"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: no model spec in its metadata; it was not written by advretrain") from exc
+    spec = model_spec(file)
+    if is_import_path(spec.name) and spec.name != builder:
+        name = printable(spec.name[:80])
+        raise CheckpointError(
+            f"{file}: its metadata names the model builder {name!r}, code that loading would import; a checkpoint "
+            f"never runs code: to load it deliberately, name that builder yourself (model.name={name} or --model "
+            f"{name})"
+        )
     try:
         model = build_model(spec.name, spec.num_classes, spec.image_size, spec.flip_average)
     except ConfigError as exc:
         raise CheckpointError(f"{file}: its metadata describes no model advretrain builds ({exc})") from exc
     try:
-        state, _ = read_safetensors(file, "checkpoint")
+        state, _ = read_safetensors(file, "checkpoint", "give a model.safetensors written by advretrain")
     except AdvretrainError as exc:
         raise CheckpointError(str(exc)) from exc
+    check_dtypes(state, model.state_dict(), file)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -77,6 +90,34 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
             f"{file}: weights do not fit a {spec.name} with {spec.num_classes} classes ({first})"
         ) from exc
     return model.to(device).eval()
+
+
+def model_spec(file: Path) -> ModelSpec:
+    """The model spec a checkpoint's metadata holds (read, never acted on)."""
+    meta = read_metadata(file)
+    try:
+        return ModelSpec(**json.loads(meta["spec"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: no model spec in its metadata; it was not written by advretrain") from exc
+
+
+def check_dtypes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse integer tensors where the model holds floats (quantised weights without their scales would load as
+    nonsense); say so when floats of another precision are cast to the model's (float16 → float32)."""
+    cast: dict[str, str] = {}
+    for key, tensor in state.items():
+        target = expected.get(key)
+        if target is None or not target.is_floating_point() or tensor.dtype == target.dtype:
+            continue
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{file}: tensor {printable(key[:60])!r} is {str(tensor.dtype).removeprefix('torch.')} where the "
+                f"model holds {str(target.dtype).removeprefix('torch.')}; save the float weights (dequantised)"
+            )
+        cast[key] = str(tensor.dtype).removeprefix("torch.")
+    if cast:
+        kinds = ", ".join(sorted(set(cast.values())))
+        log.warning("%s: %d tensors of %s cast to float32 on load", file, len(cast), kinds)
 
 
 def file_digest(path: Path) -> str:
@@ -100,7 +141,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """Tensors by name from a safetensors file or a PyTorch file (`weights_only=True`: no code runs)."""
     if file.suffix == ".safetensors":
         try:
-            return read_safetensors(file, "checkpoint")[0]
+            return read_safetensors(file, "checkpoint", "save the model's state_dict with safetensors again")[0]
         except AdvretrainError as exc:
             raise CheckpointError(str(exc)) from exc
     try:
@@ -131,6 +172,7 @@ def load_weights_into(model: Classifier, state: dict[str, torch.Tensor], file: P
             f"{file}: does not fit a {model.spec.name} with {model.spec.num_classes} classes ({which}; "
             f"{len(missing)} missing, {len(unexpected)} unexpected); set model.name and the data to its architecture"
         )
+    check_dtypes(state, target.state_dict(), file)
     try:
         target.load_state_dict(state)
     except RuntimeError as exc:
@@ -144,7 +186,7 @@ def load_pretrained(path: str | os.PathLike[str], model: Classifier) -> Classifi
     written by `advretrain train` (its folder or model.safetensors), a safetensors file or a PyTorch state_dict."""
     file = checkpoint_file(path)
     if file.suffix == ".safetensors" and "spec" in read_metadata(file):  # written by advretrain: it knows its model
-        trained = load_model(file)
+        trained = load_model(file, builder=model.spec.name)  # a builder of the user's own only when they named it
         ours, theirs = model.spec, trained.spec
         if (theirs.name, theirs.num_classes, theirs.image_size) != (ours.name, ours.num_classes, ours.image_size):
             raise CheckpointError(

@@ -22,7 +22,7 @@ from .checkpoint import load_model, train_resumable
 from .config import TrainJob, build_config, packaged_configs, parse_overrides, to_yaml_dict
 from .data import NAMED, data_root, load_dataset, resolve, to_float
 from .data.download import REMOTES, download, md5sum
-from .errors import AdvretrainError
+from .errors import AdvretrainError, printable
 from .fooling import noise_images
 from .labeler import KNNLabeler, label_report
 from .metrics import attack_metrics, evaluate
@@ -35,6 +35,7 @@ from .runtime.distributed import is_main, shutdown
 from .runtime.io import read_safetensors, save_safetensors, save_state, write_json
 from .runtime.rundir import record_config, run_lock
 from .tracking import open_tracker
+from .train import check_recipe
 
 log = logging.getLogger("advretrain")
 
@@ -81,12 +82,13 @@ def train_cmd(
     require_out(out)
     out_dir = Path(out) if out else fresh_dir("train")
     train_set, test_set = load_split(job.data, "train"), load_split(job.data, "test")
+    torch.manual_seed(job.train.seed)
+    model = job.model.build(train_set.num_classes, train_set.image_size)
+    check_recipe(model, job.train)  # refused before the folder is touched: a refused command writes nothing
     # the run's lock, and a folder trained with another config refused before anything in it is overwritten
     with run_lock(out_dir) if is_main() else contextlib.nullcontext():
         if is_main():
             record_config(out_dir, job)
-        torch.manual_seed(job.train.seed)
-        model = job.model.build(train_set.num_classes, train_set.image_size)
         log.info(
             "training %s on %s (%d images, %d classes) on %s → %s",
             job.model.name,
@@ -169,18 +171,28 @@ def report_cmd(run_dir: str) -> None:
     click.echo(f"rebuilt {Path(run_dir) / 'tables.md'} and the figures")
 
 
+# A checkpoint names its model; one built by a user's own code is loaded only when the user names that code too.
+model_option = click.option(
+    "--model",
+    "builder",
+    help="The checkpoint's own model builder (package.module:builder), when it holds a model of your code: "
+    "loading it imports and runs that code, so a checkpoint never does it alone.",
+)
+
+
 @cli.command("evaluate")
 @click.option("--checkpoint", required=True, type=click.Path(), help="model.safetensors or a training folder.")
+@model_option
 @click.option("--data", "dataset", default="cifar10-sample", show_default=True, help="Dataset name or path.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "val"]))
 @click.option("--data-root", type=click.Path(file_okay=False), help="Where named datasets lie.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1))
 def evaluate_cmd(
-    checkpoint: str, dataset: str, split: str, data_root: str | None, device: str, batch_size: int
+    checkpoint: str, builder: str | None, dataset: str, split: str, data_root: str | None, device: str, batch_size: int
 ) -> None:
     """Top-1 accuracy of a trained model on a dataset split."""
-    model = load_model(checkpoint, resolve_device(device))
+    model = load_model(checkpoint, resolve_device(device), builder)
     data = load_dataset(dataset, split, data_root, model.spec.image_size)
     if data.num_classes > model.spec.num_classes:
         raise AdvretrainError(
@@ -194,6 +206,7 @@ def evaluate_cmd(
 
 @cli.command("attack")
 @click.option("--checkpoint", required=True, type=click.Path(), help="The attacked model (model.safetensors).")
+@model_option
 @click.option("--attack", "attack_name", required=True, help=f"One of {', '.join(ATTACKS)}, or package.module:Class.")
 @click.option("--data", "dataset", default="cifar10-sample", show_default=True, help="Dataset name or path.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "val"]))
@@ -210,6 +223,7 @@ def evaluate_cmd(
 @click.argument("params", nargs=-1)
 def attack_cmd(
     checkpoint: str,
+    builder: str | None,
     attack_name: str,
     dataset: str,
     split: str,
@@ -221,7 +235,7 @@ def attack_cmd(
     params: tuple[str, ...],
 ) -> None:
     """Craft an adversarial set and print its metrics. PARAMS are attack keywords, e.g. eps=0.03 steps=20."""
-    model = load_model(checkpoint, resolve_device(device))
+    model = load_model(checkpoint, resolve_device(device), builder)
     kwargs = parse_overrides(params)
     spec = get_attack(attack_name)
     attack = spec.build(kwargs, progress=True)
@@ -229,7 +243,8 @@ def attack_cmd(
     if limit:
         data = data.subset(torch.arange(min(limit, len(data))))
     if spec.fitted and fitted_file:
-        attack.load_state_dict(*read_safetensors(fitted_file, f"fitted {attack_name}"))
+        state = read_safetensors(fitted_file, f"fitted {attack_name}", "give the fitted.safetensors an attack wrote")
+        attack.load_state_dict(*state)
     elif spec.fitted:
         log.info("fitting %s on the training split of %s", attack_name, dataset)
         attack.fit(model, load_dataset(dataset, "train", data_root, model.spec.image_size).images)
@@ -362,5 +377,5 @@ def main() -> None:
     except AdvretrainError as exc:
         if debug:  # the traceback too, and still the status of bad input
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(str(exc))}", err=True)  # one line, whatever names the message quotes
         sys.exit(2)

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .data.limits import MAX_IMAGE_SIDE
 from .errors import AdvretrainError, ConfigError
 from .runtime.io import parse_yaml, read_text_file
 
@@ -42,7 +43,9 @@ class Frozen(BaseModel):
 class DataConfig(Frozen):
     dataset: str = Field("cifar10-sample", description="cifar10 | tinyimagenet | cifar10-sample | a path")
     root: str | None = Field(None, description="where named datasets lie or are downloaded to")
-    image_size: int | None = Field(None, ge=8, description="resize every image to this size; None: keep, all equal")
+    image_size: int | None = Field(
+        None, ge=8, le=MAX_IMAGE_SIDE, description="resize every image to this size; None: keep, all equal"
+    )
     train_per_class: int | None = Field(None, ge=1, description="stratified subset of the training split")
     test_per_class: int | None = Field(None, ge=1, description="stratified subset of the test split")
 
@@ -208,8 +211,10 @@ class RetrainConfig(Frozen):
     @field_validator("sizes")
     @classmethod
     def _sizes_of_known_attacks(cls, sizes: dict[str, list[int]]) -> dict[str, list[int]]:
-        for name in sizes:
+        for name, values in sizes.items():
             _known_attack(name)
+            if not values:  # not "the default": that could silently mean four retrainings on the full training set
+                raise ValueError(f"{name}: no N given; list at least one N, or remove {name} from attacks to skip it")
         return sizes
 
     finetune_epochs: int = Field(5, ge=1, description="epochs when fine-tuning")

@@ -19,3 +19,9 @@ class ConfigError(AdvretrainError):
 
 class CheckpointError(AdvretrainError):
     """A checkpoint is missing, unreadable or does not fit the request."""
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a newline as \\n): a name from a file or a folder can never split
+    the one-line error it appears in."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -34,7 +34,7 @@ def flatten(images: torch.Tensor, values: int | None = None) -> torch.Tensor:
         raise LabelerError("labeler: images hold NaN or inf; check the data or the attack that produced them")
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
         raise LabelerError("labeler: float images must lie in [0,1]; divide uint8 images by 255")
-    x = x.reshape(x.shape[0], -1)
+    x = x.flatten(1)  # N×D, also for N = 0
     if values is not None and x.shape[1] != values:
         raise LabelerError(
             f"labeler: images of {x.shape[1]} values, the reference set's have {values}; resize them to its size"
@@ -192,9 +192,18 @@ class KNNLabeler:
         calibration = None
         if self.fooling_percentile is not None:
             if holdout is not None:
-                calibration = flatten(holdout).to(self.device)
+                calibration = flatten(holdout, x.shape[1]).to(self.device)
+                if calibration.shape[0] == 0:
+                    raise LabelerError(
+                        "labeler: the holdout set is empty; give clean images to calibrate the threshold"
+                    )
             else:
                 n_hold = self.held_out(x.shape[0])
+                if n_hold == 0:  # a fifth of fewer than five images is none: no clean residuals to calibrate on
+                    raise LabelerError(
+                        f"labeler: {x.shape[0]} reference images leave none held out to calibrate the fooling "
+                        "threshold (a fifth is held out); give at least 5 images, a holdout set, or no percentile"
+                    )
                 order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
                 fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
         fit_x = x if fit_rows.numel() == x.shape[0] else x[fit_rows.to(x.device)]  # no copy unless holding out

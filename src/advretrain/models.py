@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import to_float
+from .data.limits import MAX_IMAGE_SIDE
 from .errors import ConfigError
 from .plugins import import_object
 
@@ -304,7 +305,6 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
 # Bounds on the numbers that size a model (a checkpoint's metadata holds them): far above any real dataset
 # (ImageNet-21k: 21,841 classes), far below what would exhaust memory before the model is even built.
 MAX_CLASSES = 100_000
-MAX_IMAGE_SIDE = 4096
 
 
 def require_image_size(name: str, image_size: int, fix: str) -> None:

@@ -327,7 +327,7 @@ FigureData = tuple[dict[str, torch.Tensor], list[str]]
 
 def read_figure_data(name: str, file: Path) -> FigureData:
     """The few images a figure shows and the class names, checked: a damaged file is one line, before any write."""
-    t, metadata = read_safetensors(file, f"figure data of {name}")
+    t, metadata = read_safetensors(file, f"figure data of {name}", f"rerun `advretrain run --out {file.parent.parent}`")
     try:
         classes = json.loads(metadata["classes"])
         k = t["clean"].shape[0]

@@ -142,8 +142,7 @@ def train(
     gives a freshly built model its data-dependent initialisation (input statistics, whitening stem); turn it off
     to fine-tune trained weights.
     """
-    for size in cfg.progressive_sizes:
-        require_image_size(model.spec.name, size, "raise train.progressive_sizes")
+    check_recipe(model, cfg)
     if start is None and init:
         model.init_from_data(data.images)
     model.to(device)
@@ -180,6 +179,12 @@ def train(
     if test is not None:
         result.test_accuracy = evaluate(model, test.images, test.labels, cfg.eval_batch_size)
     return result
+
+
+def check_recipe(model: Classifier, cfg: TrainConfig) -> None:
+    """Refuse a recipe the model cannot train with (images shrunk below what its poolings need)."""
+    for size in cfg.progressive_sizes:
+        require_image_size(model.spec.name, size, "raise train.progressive_sizes")
 
 
 def _optimizer_and_schedule(

@@ -95,6 +95,8 @@ def normalise_split(split: str) -> Split:
 
 def resolve(spec: str, root: str | os.PathLike[str] | None = None, fetch: bool = True) -> Path:
     """Where the dataset `spec` lies on disk; named datasets are downloaded when missing and `fetch` is set."""
+    if not spec.strip():  # Path("") is the current folder: a run would walk whatever lies there
+        raise DataError("dataset '' names nothing; give a dataset name or the path of its folder or archive")
     if spec == "cifar10-sample":
         return sample_path()
     if spec in _LOCAL_NAMES:
@@ -110,6 +112,8 @@ def resolve(spec: str, root: str | os.PathLike[str] | None = None, fetch: bool =
         raise DataError(
             f"dataset {spec!r} not found: not a path that exists nor one of {', '.join(NAMED)}; check the spelling"
         )
+    if path.resolve() == Path(path.resolve().anchor):  # "/" would walk every mounted file system
+        raise DataError(f"dataset {spec!r} is the root of the file system; give the dataset's own folder or archive")
     return path
 
 

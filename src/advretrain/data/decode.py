@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .limits import check_pixels
+from .limits import check_decoded_bytes, check_pixels
 from .trees import Tree
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,13 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         image = open_unchecked(data)
         check_pixels(*image.size, where)  # from the header, before any pixel is allocated
         image.load()  # forces a full decode: a truncated file fails here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{where}: unreadable image ({str(exc)[:160]}); remove or replace this file") from exc
+    except UnidentifiedImageError as exc:  # its message holds only the repr of our in-memory buffer
+        raise DataError(
+            f"{where}: unreadable image (Pillow cannot identify its format); remove or replace this file"
+        ) from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        said = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>", "the file", str(exc))[:160]
+        raise DataError(f"{where}: unreadable image (Pillow: {said}); remove or replace this file") from exc
     return image
 
 
@@ -84,6 +90,7 @@ def decode_all(tree: Tree, names: Sequence[str], image_size: int | None = None) 
             image = image.resize(target, Image.Resampling.BICUBIC)
             resized += 1
         if out is None:
+            check_decoded_bytes(len(names), *target, str(tree.location))
             out = np.empty((len(names), target[1], target[0], 3), dtype=np.uint8)
         out[i] = np.asarray(image)
     if converted:

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import DataError
 from .decode import decode_all
+from .limits import check_decoded_bytes
 from .trees import Tree
 
 Split = Literal["train", "test"]
@@ -35,6 +36,8 @@ _SAFE_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
+    ("__builtin__", "bytes"),  # how numpy pickles an empty array's buffer (protocol 2)
+    ("builtins", "bytes"),
 }
 
 
@@ -101,7 +104,10 @@ def parse_cifar(tree: Tree, split: Split, image_size: int | None = None) -> Pars
     x, y = torch.cat(images), torch.cat(labels)
     if x.shape[0] != y.shape[0] or (y.numel() and (y.min() < 0 or y.max() >= len(classes))):
         raise DataError(f"{tree.location}: labels do not match images or classes; download the dataset again")
+    if x.shape[0] == 0:
+        raise DataError(f"{tree.describe(files[0])}: {', '.join(files)} hold no images; download the dataset again")
     if image_size is not None and image_size != 32:
+        check_decoded_bytes(x.shape[0], image_size, image_size, tree.describe(files[0]), value_bytes=4)
         x = resize_uint8(x, image_size)
     return x, y, classes
 
@@ -139,9 +145,9 @@ def parse_image_folder(tree: Tree, split: Split, image_size: int | None = None) 
     train_classes = tree.sub("train").children()[1]
     eval_classes = tree.sub(eval_folder).children()[1]
     if train_classes != eval_classes:
-        only = sorted(set(train_classes) ^ set(eval_classes))
+        only = ", ".join(repr(name[:40]) for name in sorted(set(train_classes) ^ set(eval_classes))[:3])
         raise DataError(
-            f"{tree.location}: train/ and {eval_folder}/ have different classes (e.g. {', '.join(only[:3])}); "
+            f"{tree.location}: train/ and {eval_folder}/ have different classes (e.g. {only}); "
             "make both splits hold the same class folders"
         )
     per_class = _class_files(tree, "train" if split == "train" else eval_folder)
@@ -178,6 +184,8 @@ def parse_tinyimagenet(tree: Tree, split: Split, image_size: int | None = None) 
     else:
         rows = sorted(_lines(tree, "val/val_annotations.txt"))
         where = tree.describe("val/val_annotations.txt")
+        if not rows:
+            raise DataError(f"{where}: lists no validation images; write <file><TAB><wnid> on each line")
         short = [r for r in rows if len(r) < 2]
         if short:
             raise DataError(f"{where}: line {short[0][0][:40]!r} has one column; write <file><TAB><wnid> on each line")

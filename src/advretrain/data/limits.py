@@ -33,6 +33,10 @@ def _limit(name: str, default: int) -> int:
     return value
 
 
+# Pixels a side of the images a model takes (data.image_size, a checkpoint's spec): 16x ImageNet's usual 256.
+MAX_IMAGE_SIDE = 4096
+
+
 def max_image_pixels() -> int:
     return _limit("ADVRETRAIN_MAX_IMAGE_PIXELS", 64 * 2**20)
 
@@ -80,4 +84,20 @@ def check_pixels(width: int, height: int, where: str) -> None:
         raise DataError(
             f"{where}: declares {width}x{height} pixels, over the {max_image_pixels():,}-pixel limit per image; "
             "remove it or raise ADVRETRAIN_MAX_IMAGE_PIXELS"
+        )
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_decoded_bytes(count: int, width: int, height: int, where: str, value_bytes: int = 1) -> None:
+    """Refuse, before allocating, `count` RGB images of width×height (`value_bytes` a value) that memory cannot
+    hold: a resize to a large `data.image_size` would otherwise end in MemoryError."""
+    need, have = count * 3 * width * height * value_bytes, memory_bytes()
+    if need > have:
+        raise DataError(
+            f"{where}: {count:,} images at {width}x{height} px need {need / 2**30:,.1f} GiB, more than this machine's "
+            f"{have / 2**30:,.1f} GiB of memory; lower data.image_size or use a subset of the images"
         )

@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..errors import DataError
+from ..errors import DataError, printable
 from .limits import check_file_bytes, check_total_bytes, regular_file_size
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
@@ -81,7 +81,7 @@ class Tree:
     def describe(self, name: str) -> str:
         """Human-readable location of a file for error messages."""
         separator = "/" if self._dir is not None else ":"  # archive members read as archive:member
-        return f"{self.location}{separator}{self.prefix}{name}"
+        return printable(f"{self.location}{separator}{self.prefix}{name}")  # a newline in a name stays one line
 
     @functools.cached_property
     def _fileset(self) -> set[str]:

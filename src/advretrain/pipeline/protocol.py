@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..attacks import get_attack
+from ..checkpoint import load_pretrained
 from ..config import ExperimentConfig
 from ..data import ImageDataset
 from ..errors import ConfigError
@@ -63,9 +64,11 @@ def check_sizes(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
     for name in cfg.attacks:
         sizes = retrain_sizes(cfg, name, train_size)
         if max(sizes) > train_size or min(sizes) < 1:
+            given = name in cfg.retrain.sizes  # else the attack's default (the paper's CIFAR-10 N), never typed
+            which = f"retrain.sizes.{name}={sizes}" if given else f"{name}'s default N {sizes} (the paper's)"
             raise ConfigError(
-                f"retrain.sizes.{name}={sizes}: N must lie in 1..{train_size} (the training set "
-                "size, which bounds the adversarial pool); lower it"
+                f"{which}: N must lie in 1..{train_size} (the training set size, which bounds the adversarial "
+                f"pool); set retrain.sizes.{name} to lower it"
             )
     pixels = int(train_set.images[0].numel())
     allowed = KNNLabeler(1, fooling_percentile=cfg.labeler.fooling_percentile).max_pca_dims(train_size, pixels)
@@ -74,6 +77,16 @@ def check_sizes(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
             f"labeler.pca_dims={cfg.labeler.pca_dims} exceeds what {train_size} training images of {pixels} values "
             f"allow ({allowed}); lower it"
         )
+
+
+def preflight(cfg: ExperimentConfig, train_set: ImageDataset) -> None:
+    """Every refusal the config can earn on this data, before the run writes anything: the sizes, the model at the
+    data's size and classes, and a given f0 checkpoint's fit to it (a refused run must leave no record behind, or
+    its corrected rerun would be refused as "a different config")."""
+    model = cfg.model.build(train_set.num_classes, train_set.image_size)
+    if cfg.model.checkpoint is not None:
+        load_pretrained(cfg.model.checkpoint, model)
+    check_sizes(cfg, train_set)
 
 
 def labels_for_retraining(run: Run, labeler: KNNLabeler, art: AttackArtifacts) -> torch.Tensor:
@@ -182,7 +195,7 @@ def run_experiment(
 ) -> Results:
     """Run (or resume) the paper's protocol on every configured attack; returns what `results.json` holds."""
     run = Run(root, cfg, init_distributed(resolve_device(cfg.device)), progress and is_main())
-    check_sizes(cfg, train_set)
+    preflight(cfg, train_set)
     run.tracker = open_tracker(cfg.tracking, root)
     try:
         return protocol(run, train_set, test_set)

@@ -19,7 +19,7 @@ from ..runtime.distributed import init as init_distributed
 from ..runtime.distributed import is_main, world_size
 from ..runtime.io import write_json
 from ..runtime.rundir import environment, record_config, run_lock
-from .protocol import run_experiment
+from .protocol import preflight, run_experiment
 
 log = logging.getLogger("advretrain")
 
@@ -67,6 +67,9 @@ def run(
     """
     cfg = resolve_config(config, overrides)
     dev = init_distributed(resolve_device(cfg.device))  # under torchrun: join the group, this rank's device
+    # the data read and the config checked against it first: a refused run writes nothing
+    train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+    preflight(cfg, train_set)
     run_dir = Path(out)
     main_rank = is_main()  # rank 0 alone locks, logs to the file and writes the shared files
     with run_lock(run_dir) if main_rank else contextlib.nullcontext():
@@ -75,7 +78,6 @@ def run(
         with run_log(run_dir):
             if main_rank:
                 write_json(run_dir / "environment.json", environment(dev) | {"processes": world_size()})
-            train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")
             log.info("run %s: %s on %s → %s", config_name(config), cfg.model.name, train_set.source, run_dir)
             results = run_experiment(cfg, run_dir, train_set, test_set, progress=progress)
             if main_rank:

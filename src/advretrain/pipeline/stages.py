@@ -87,6 +87,11 @@ class Trained:
     folder: Path
 
 
+def redo(run: Run, folder: Path) -> str:
+    """How to repair a damaged file of a finished stage: the stage is computed again once its folder is gone."""
+    return f"delete its stage folder {folder.name} and rerun `advretrain run --out {run.root}`"
+
+
 def finished(folder: Path) -> dict[str, Any] | None:
     done = folder / "done.json"
     return json.loads(done.read_text()) if done.exists() else None
@@ -155,7 +160,10 @@ def baseline(
     def record(_: Classifier) -> dict[str, Any]:
         return {"test_accuracy": json.loads((folder / "metrics.json").read_text()).get("test_accuracy")}
 
-    model = cached_stage(run, role, role, folder, compute, record, lambda _: load_model(folder, run.device))
+    def reuse(_: dict[str, Any]) -> Classifier:
+        return load_model(folder, run.device, builder=model_cfg.name)
+
+    model = cached_stage(run, role, role, folder, compute, record, reuse)
     return Trained(model, key, folder)
 
 
@@ -176,7 +184,7 @@ def labeler_stage(run: Run, train_set: ImageDataset) -> KNNLabeler:
         return {"threshold": labeler.threshold}
 
     def reuse(_: dict[str, Any]) -> KNNLabeler:
-        return KNNLabeler.from_state_dict(*read_safetensors(file, "labeler"), run.device)
+        return KNNLabeler.from_state_dict(*read_safetensors(file, "labeler", redo(run, folder)), run.device)
 
     return cached_stage(run, "labeler", "labeler", folder, compute, record, reuse)
 
@@ -198,7 +206,7 @@ def fitted_attack(
     exists = file.exists()
     barrier()  # every rank decides before rank 0 can write the file (a fit itself has no collective)
     if exists:
-        return attack.load_state_dict(*read_safetensors(file, f"fitted {spec.name}"))
+        return attack.load_state_dict(*read_safetensors(file, f"fitted {spec.name}", redo(run, file.parent)))
     attack.fit(model, images)
     if is_main():
         save_state(file, attack)
@@ -340,9 +348,10 @@ def retrain_stage(
         )
         return retrained_model(run, mixed, start, folder, label)
 
-    model = cached_stage(
-        run, "retrain", label, folder, compute, lambda _: {"n": n}, lambda _: load_model(folder, run.device)
-    )
+    def reuse(_: dict[str, Any]) -> Classifier:
+        return load_model(folder, run.device, builder=cfg.model.name)
+
+    model = cached_stage(run, "retrain", label, folder, compute, lambda _: {"n": n}, reuse)
     return Trained(model, key, folder)
 
 
@@ -354,7 +363,7 @@ def retrained_model(run: Run, mixed: ImageDataset, start: Trained, folder: Path,
     if cfg.retrain.mode == "scratch":
         model, recipe = cfg.model.build(mixed.num_classes, mixed.image_size), cfg.train
     else:
-        model = load_model(start.folder, "cpu")
+        model = load_model(start.folder, "cpu", builder=cfg.model.name)
         extra = mixed.num_classes - model.spec.num_classes
         model = grow_head(model, extra) if extra > 0 else model
         recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})

@@ -90,14 +90,17 @@ def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tens
     _write_with(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: str | os.PathLike[str], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file and its metadata; an unreadable file names `what` it should have been."""
+def read_safetensors(
+    path: str | os.PathLike[str], what: str, fix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata; an unreadable file names `what` it should have been and
+    `fix`, how to get a good one (a run's own file: rerun the run; a user's: where it comes from)."""
     try:
         with safe_open(str(path), "pt") as fh:
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
             return tensors, dict(fh.metadata() or {})
     except (SafetensorError, OSError) as exc:
-        raise AdvretrainError(f"{path}: not a readable {what} ({exc}); write it again") from exc
+        raise AdvretrainError(f"{path}: not a readable {what} ({str(exc)[:80]}); {fix}") from exc
 
 
 # A YAML file this small expands to at most this many nodes once aliases are followed: a config has a few hundred;

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from ..errors import AdvretrainError
+from ..plugins import imports_limited_to
 from .io import parse_yaml, read_text_file, remove_stale_temporaries, write_yaml
 
 log = logging.getLogger("advretrain")
@@ -25,17 +26,25 @@ log = logging.getLogger("advretrain")
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """An exclusive lock on the run directory: a second run on it stops with a clear message."""
+    lock = run_dir / ".lock"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole run)
     except OSError as exc:
+        raise AdvretrainError(f"cannot write to {run_dir}: {exc.strerror}; choose a writable --out") from exc
+    try:
+        fh = open(lock, "w")  # noqa: SIM115 (held for the whole run)
+    except OSError as exc:
+        if lock.exists() and not lock.is_file():  # a folder or a special file where the lock file belongs
+            raise AdvretrainError(
+                f"{lock}: not a lock file ({exc.strerror}); remove it if no run uses {run_dir}, or choose another --out"
+            ) from exc
         raise AdvretrainError(f"cannot write to {run_dir}: {exc.strerror}; choose a writable --out") from exc
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         fh.close()
         raise AdvretrainError(
-            f"{run_dir} is in use by another advretrain run; wait for it or choose another --out"
+            f"{run_dir} is in use by another advretrain run (it holds {lock}); wait for it or choose another --out"
         ) from exc
     removed = remove_stale_temporaries(run_dir)  # no writer is alive while we hold the lock
     if removed:
@@ -47,13 +56,36 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fh.close()
 
 
+def user_strings(config: BaseModel) -> set[str]:
+    """Every string value of `config`: the import paths among them are the only code a recorded config may name."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            found.add(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(key)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(config.model_dump(mode="json"))
+    return found
+
+
 def same_config(recorded: Any, current: BaseModel) -> bool | None:
     """Whether a recorded config (as read from a file) is `current`, read through the current schema: a key added
-    since, at its default, does not count, a changed value or default does. None: this version cannot read it."""
-    try:
-        return type(current).model_validate(recorded) == current
-    except ValidationError:
-        return None
+    since, at its default, does not count, a changed value or default does. None: this version cannot read it.
+
+    The record is a file: an import path it names (a model builder, an attack class) that `current` does not name
+    is never imported; such a record is another config."""
+    with imports_limited_to(user_strings(current)) as refused:
+        try:
+            return type(current).model_validate(recorded) == current
+        except ValidationError:
+            return False if refused else None
 
 
 def record_config(run_dir: Path, config: BaseModel) -> None:
