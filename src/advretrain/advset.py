@@ -2,10 +2,10 @@
 
 A set is a folder `NAME.advset/` of shards (`shard-00000.safetensors`, ...: adversarial N×C×H×W float32, source
 indices, source labels, targets (-1: untargeted), success, iterations (a query attack's queries, DeepFool's steps;
--1: not reported)) and `meta.json` (attack, parameters, attacked model's
-fingerprint, shard list). Every file is written atomically and `meta.json` last, so a set without it is incomplete:
-a rerun keeps the finished shards and writes only the missing ones. Sets larger than memory are written and read
-shard by shard.
+-1: not reported), member (the ensemble member that succeeded; -1: none)) and `meta.json` (attack, parameters,
+attacked model's fingerprint, shard list). Every file is written atomically and `meta.json` last, so a set without
+it is incomplete: a rerun keeps the finished shards and writes only the missing ones. Sets larger than memory are
+written and read shard by shard.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class AdversarialSet:
     targets: torch.Tensor  # N int64: the attack's target class, -1 when untargeted
     success: torch.Tensor  # N bool
     iterations: torch.Tensor  # N int64: queries or steps per image, -1 when the attack does not report them
+    member: torch.Tensor  # N int64: an ensemble's member that fooled the image (AutoAttack), -1: none or no ensemble
     meta: dict[str, Any]
 
     def __len__(self) -> int:
@@ -75,14 +76,19 @@ def write_shard(
     targets: torch.Tensor | None,
     success: torch.Tensor,
     iterations: torch.Tensor | None = None,
+    member: torch.Tensor | None = None,
 ) -> None:
+    def per_image(values: torch.Tensor | None) -> torch.Tensor:  # -1 where the attack reports nothing
+        return values.long() if values is not None else torch.full_like(indices, -1, dtype=torch.long)
+
     tensors = {
         "adversarial": adversarial.float(),
         "indices": indices.long(),
         "labels": labels.long(),
-        "targets": targets.long() if targets is not None else torch.full_like(indices, -1, dtype=torch.long),
+        "targets": per_image(targets),
         "success": success.to(torch.uint8),
-        "iterations": iterations.long() if iterations is not None else torch.full_like(indices, -1, dtype=torch.long),
+        "iterations": per_image(iterations),
+        "member": per_image(member),
     }
     save_safetensors(folder / shard_name(i), tensors, {})
 
@@ -140,6 +146,7 @@ def load_adversarial_set(folder: str | os.PathLike[str]) -> AdversarialSet:
         cat["targets"],
         cat["success"].bool(),
         torch.cat([s.get("iterations", torch.full_like(s["indices"], -1)) for s in shards]),  # older sets: -1
+        torch.cat([s.get("member", torch.full_like(s["indices"], -1)) for s in shards]),
         read_meta(Path(folder)),
     )
 
@@ -190,6 +197,7 @@ def craft_adversarial_set(
             None if result.targets is None else result.targets.cpu(),
             result.success.cpu(),
             None if result.iterations is None else result.iterations.cpu(),
+            None if result.member is None else result.member.cpu(),
         )
         kill_point("attack-shard")
     barrier()  # every rank's shards are written

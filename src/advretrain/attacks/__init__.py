@@ -1,4 +1,5 @@
-"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD and Square, as specs in one registry.
+"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, Square, APGD and AutoAttack, as specs in one
+registry.
 
 >>> from advretrain.attacks import ATTACKS, build_attack
 >>> ATTACKS["fgsm"].threat
@@ -12,6 +13,8 @@ config): its class takes keyword-only settings and is called as `attack(model, i
 
 from __future__ import annotations
 
+from .apgd import APGD, APGDT
+from .autoattack import AutoAttack
 from .base import AttackError, AttackResult, check_inputs, frozen
 from .carlini_wagner import CW_PROFILES, CarliniWagnerL2
 from .deepfool import DeepFool
@@ -45,11 +48,16 @@ register_attack(
 register_attack("fgsm", FGSM, title="FGSM", retrain_sizes=PAPER_SIZES)
 register_attack("pgd", PGD, title="PGD (L-inf, 8/255)")
 register_attack("square", Square, title="Square (query-only black-box, L-inf 8/255)", threat="query")
+register_attack("apgd-ce", APGD, title="APGD-CE (Auto-PGD, cross-entropy, L-inf 8/255)")
+register_attack("apgd-t", APGDT, title="APGD-T (Auto-PGD, targeted DLR, 9 targets, L-inf 8/255)")
+register_attack("autoattack", AutoAttack, title="AutoAttack (APGD-CE, APGD-T, Square; L-inf 8/255)")
 
 PAPER_ATTACKS: tuple[str, ...] = ("gap", "deepfool", "cw", "fgsm")  # the protocol's default: the paper's four
 ROBUSTNESS_ATTACK = "pgd"  # the standard check that a retrained model is robust rather than masking its gradients
 
 __all__ = [
+    "APGD",
+    "APGDT",
     "ATTACKS",
     "CW_PROFILES",
     "FGSM",
@@ -62,6 +70,7 @@ __all__ = [
     "AttackError",
     "AttackResult",
     "AttackSpec",
+    "AutoAttack",
     "CarliniWagnerL2",
     "DeepFool",
     "Fitted",

@@ -33,12 +33,14 @@ Count = Annotated[int, Field(ge=1)]  # steps, epochs, queries, images per batch
 
 @dataclass
 class AttackResult:
-    """adversarial: N×C×H×W in [0,1]; success: N bool; the optional fields are per-image (N,) when known."""
+    """adversarial: N×C×H×W in [0,1]; success: N bool; the optional fields are per-image (N,) when known: the
+    target class, the steps or queries spent, and for an ensemble the index of the member that succeeded (-1: none)."""
 
     adversarial: torch.Tensor
     success: torch.Tensor
     targets: torch.Tensor | None = None
     iterations: torch.Tensor | None = None
+    member: torch.Tensor | None = None
     extras: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
@@ -125,7 +127,7 @@ def run_batched(
     if not bool(torch.isfinite(result.adversarial).all()):  # NaN logits or gradients poison every step after
         raise AttackError("the attack produced NaN or inf images: the model's logits or gradients are not finite")
     result.adversarial = result.adversarial.to(images.device, images.dtype)
-    for name in ("success", "targets", "iterations"):
+    for name in ("success", "targets", "iterations", "member"):
         value = getattr(result, name)
         if value is not None:
             setattr(result, name, value.to(images.device))
