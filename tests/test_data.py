@@ -100,6 +100,34 @@ def test_tinyimagenet_layout_labels_from_annotations(tmp_path: Path) -> None:
     assert torch.equal(load_dataset("tinyimagenet", "val", root=tmp_path).labels, val.labels)
 
 
+def test_a_mirror_with_extra_classes_and_macos_litter_loads_like_the_official_archive(tmp_path: Path) -> None:
+    """The public mirror's layout (rangeetpan/IMagenet): wnids.txt lists two classes more than the official 200, and
+    .DS_Store files lie in every folder; the official zip loads the same way."""
+    official = tmp_path / "official" / "tiny-imagenet-200"
+    wnids = write_tinyimagenet(official)
+    mirror = tmp_path / "mirror" / "tiny-imagenet-200"
+    write_tinyimagenet(mirror)
+    extra = ["n04", "n05"]
+    (mirror / "wnids.txt").write_text("\n".join([*wnids, *extra]) + "\n")
+    rng = np.random.default_rng(2)
+    for wnid in extra:
+        (mirror / "train" / wnid / "images").mkdir(parents=True)
+        (mirror / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t8\t8\n")
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        (mirror / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(png_bytes(img))
+        (mirror / "val" / "images" / f"val_{wnid}.JPEG").write_bytes(png_bytes(img))
+    with open(mirror / "val" / "val_annotations.txt", "a") as fh:
+        fh.writelines(f"val_{wnid}.JPEG\t{wnid}\t0\t0\t8\t8\n" for wnid in extra)
+    litter = [mirror, mirror / "train", mirror / "train" / "n01", mirror / "train" / "n01" / "images", mirror / "val"]
+    for folder in [*litter, mirror / "val" / "images", mirror.parent]:
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(range(64)))
+    train, val = load_dataset(str(mirror), "train"), load_dataset(str(mirror), "test")
+    assert train.num_classes == 5 and train.classes[-2:] == ["n04", "n05"]  # no words.txt entry: the wnid itself
+    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 4] and val.labels.tolist() == [1, 2, 0, 3, 4]
+    reference = load_dataset(str(zip_folder(official, tmp_path / "tiny-imagenet-200.zip")), "train")
+    assert reference.num_classes == 3 and torch.equal(reference.images, train.images[:6])
+
+
 def test_bundled_sample_is_stratified_cifar10() -> None:
     train, test = load_dataset("cifar10-sample", "train"), load_dataset("cifar10-sample", "test")
     assert train.classes[0] == "airplane" and train.classes[-1] == "truck" and len(train.classes) == 10
@@ -148,7 +176,7 @@ def test_truncated_jpeg_is_named(image_folder: tuple[Path, dict]) -> None:
         (lambda r: (r / "train" / "bird" / "notes.txt").write_text("x"), r"notes\.txt: not an image file"),
         (
             lambda r: (r / "train" / "bird" / "0000.png").write_bytes(png_bytes(np.zeros((9, 8, 3), np.uint8))),
-            r"0000\.png: image is 8x9 but the dataset's images are 8x8; pass an image size",
+            r"0000\.png: image is 8x9 but the dataset's images are 8x8; set data.image_size",
         ),
         (lambda r: (r / "train").rename(r / "training"), r"layout matches no known dataset format"),
     ],

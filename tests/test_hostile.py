@@ -116,7 +116,7 @@ def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
 def _(tmp: Path, mp: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
     root = folder(tmp)
     (root / "train" / "bird" / "0000.png").write_bytes(png_bytes(np.zeros((9, 16, 3), np.uint8)))
-    return train_on(root), ["0000.png: image is 16x9 but the dataset's images are 16x16", "pass an image size"]
+    return train_on(root), ["0000.png: image is 16x9 but the dataset's images are 16x16", "set data.image_size"]
 
 
 @case("dataset-path-missing")

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -67,35 +70,58 @@ def to_rgb(image: Image.Image, where: str) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_one(tree: Tree, name: str, image_size: int | None) -> tuple[np.ndarray, bool, bool]:
+    """One image → (H×W×3 uint8 pixels, converted to RGB?, resized?) under the module's policy."""
+    where = tree.describe(name)
+    image = decode_image(tree.read(name), where)
+    converted = image.mode != "RGB"
+    if converted:
+        image = to_rgb(image, where)
+    resized = image_size is not None and image.size != (image_size, image_size)
+    if resized:
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)  # type: ignore[arg-type]
+    return np.asarray(image), converted, resized
+
+
+# Images in flight at once: enough to keep the threads busy, few enough that memory holds only the output tensor.
+WINDOW = 512
+
+
 def decode_all(tree: Tree, names: Sequence[str], image_size: int | None = None) -> torch.Tensor:
-    """Decode `names` from `tree` into a uint8 tensor N×3×H×W, applying the module's policy."""
+    """Decode `names` from `tree` into a uint8 tensor N×3×H×W, applying the module's policy.
+
+    A pool of threads reads and decodes (Pillow decodes without the GIL: the cold load of TinyImageNet's 111,100
+    JPEGs takes about half the time on two cores); results are taken in order, so the first bad file named is the
+    first in the dataset's order, whatever thread met it.
+    """
     if not names:
         raise DataError(f"{tree.location}: no images to decode; add images to the dataset")
     converted = resized = 0
     out: np.ndarray | None = None
-    target: tuple[int, int] | None = (image_size, image_size) if image_size else None
-    for i, name in enumerate(names):
-        image = decode_image(tree.read(name), tree.describe(name))
-        if image.mode != "RGB":
-            image = to_rgb(image, tree.describe(name))
-            converted += 1
-        if target is None:
-            target = image.size
-        if image.size != target:
-            if image_size is None:
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    pending: deque[Future[tuple[np.ndarray, bool, bool]]] = deque()
+    try:
+        submitted = 0
+        for i, name in enumerate(names):
+            while submitted < len(names) and submitted < i + WINDOW:
+                pending.append(pool.submit(decode_one, tree, names[submitted], image_size))
+                submitted += 1
+            pixels, was_converted, was_resized = pending.popleft().result()
+            converted, resized = converted + was_converted, resized + was_resized
+            if out is None:
+                check_decoded_bytes(len(names), pixels.shape[1], pixels.shape[0], str(tree.location))
+                out = np.empty((len(names), *pixels.shape), dtype=np.uint8)
+            if pixels.shape != out.shape[1:]:  # only without an image size: with one, every image was resized
                 raise DataError(
-                    f"{tree.describe(name)}: image is {image.size[0]}x{image.size[1]} but the dataset's images are "
-                    f"{target[0]}x{target[1]}; pass an image size (--image-size) to resize every image"
+                    f"{tree.describe(name)}: image is {pixels.shape[1]}x{pixels.shape[0]} but the dataset's images are "
+                    f"{out.shape[2]}x{out.shape[1]}; set data.image_size to resize every image"
                 )
-            image = image.resize(target, Image.Resampling.BICUBIC)
-            resized += 1
-        if out is None:
-            check_decoded_bytes(len(names), *target, str(tree.location))
-            out = np.empty((len(names), target[1], target[0], 3), dtype=np.uint8)
-        out[i] = np.asarray(image)
+            out[i] = pixels
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a bad file stops the decoding of every later one
+    assert out is not None
     if converted:
         log.warning("%s: converted %d images to RGB", tree.location, converted)
     if resized:
-        log.warning("%s: resized %d images to %dx%d", tree.location, resized, *target)  # type: ignore[misc]
-    assert out is not None
+        log.warning("%s: resized %d images to %dx%d", tree.location, resized, out.shape[2], out.shape[1])
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # N×H×W×C → N×C×H×W
