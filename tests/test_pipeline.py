@@ -18,7 +18,7 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
     for number in (1, 3, 4, 5, 7):  # CIFAR-10 family: GAP → 1, DeepFool → 3, C&W → 4, FGSM → 5, labels → 7
         assert f"## Table {number}:" in tables
     assert "| 20 |" in tables and "| 10 |" in tables and "92.25% / 91.09% / 13%" not in tables  # N=20 is not N=50k
-    for name in ("gap", "deepfool", "cw", "fgsm", "gap_perturbation", "vs_n", "pca_sweep", "cross_attack"):
+    for name in ("gap", "deepfool", "cw", "fgsm", "gap_perturbation", "vs_n", "pca_sweep", "cross_attack", "threats"):
         png = finished_run / f"figure_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((finished_run / "results.json").read_text())
@@ -43,7 +43,7 @@ def test_run_writes_every_table_and_figure(finished_run: Path) -> None:
 
 def test_report_rebuilds_the_tables_byte_for_byte(finished_run: Path) -> None:
     names = ("tables.md", "tables.csv", "figure_vs_n.png", "report.html")
-    names += ("figure_pca_sweep.png", "figure_cross_attack.png", "figure_robustness_curves.png")
+    names += ("figure_pca_sweep.png", "figure_cross_attack.png", "figure_robustness_curves.png", "figure_threats.png")
     before = {name: (finished_run / name).read_bytes() for name in names}
     for name in before:
         (finished_run / name).unlink()
@@ -143,8 +143,15 @@ def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> Non
     results = json.loads((finished_run / "results.json").read_text())
     threats = results["threats"]
     keys = [p["key"] for p in threats["probes"]]
-    assert keys == ["square@8/255", "square@0.07", "transfer pgd@8/255", "transfer pgd@0.07", "transfer fgsm@0.07"]
-    pgd_at_07 = threats["probes"][3]["settings"]
+    assert keys == [
+        "autoattack@8/255",  # the field's standard, at its own budget only
+        "square@8/255",
+        "square@0.07",
+        "transfer pgd@8/255",
+        "transfer pgd@0.07",
+        "transfer fgsm@0.07",
+    ]
+    pgd_at_07 = threats["probes"][4]["settings"]
     assert pgd_at_07["eps"] == 0.07 and abs(pgd_at_07["step_size"] - 0.07 / 4) < 1e-12  # the step keeps its ratio
     assert threats["surrogate"]["seed"] == 1 and 0 <= threats["surrogate"]["test_accuracy"] <= 1
     assert set(threats["retrained"]) == {"gap", "deepfool", "cw", "fgsm"}
@@ -153,6 +160,11 @@ def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> Non
         assert set(measured) == set(keys)
         assert measured["square@8/255"]["linf_median"] <= 8 / 255 + 1e-6  # NaN (nothing fooled) fails too
         assert 1 <= measured["square@8/255"]["queries_median"] <= 100  # queries counted, within the budget
+        autoattack = measured["autoattack@8/255"]
+        broken = sum(autoattack[f"broken_by_{m}"] for m in ("apgd-ce", "apgd-t", "square"))
+        # every image is robust, broken by one member, or misclassified before the attack
+        assert broken == pytest.approx(autoattack["clean_accuracy"] - autoattack["adversarial_accuracy"], abs=1e-6)
+        assert autoattack["linf_median"] <= 8 / 255 + 1e-6
     tables = (finished_run / "tables.md").read_text()
     section = tables.split("## Threat models")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith(("| f", "| reference"))]
@@ -253,7 +265,7 @@ def test_report_html_is_one_self_contained_page_with_every_table_figure_and_answ
     assert "<script" not in text and "@import" not in text and "url(" not in text  # nothing fetched, nothing run
     tables_md = (finished_run / "tables.md").read_text().splitlines()
     headers = [tables_md[i - 1] for i, line in enumerate(tables_md) if line.startswith("|---")]
-    assert page.tables == len(headers) >= 6  # Tables 1, 3, 4, 5, 7 and the threat models
+    assert page.tables == len(headers) + 1 >= 7  # Tables 1, 3, 4, 5, 7, the threat models and the answer's verdicts
     for header in headers:
         first_cell = header.strip("| ").split(" | ")[0]
         assert f"<th>{first_cell}</th>" in text, first_cell
@@ -262,6 +274,8 @@ def test_report_html_is_one_self_contained_page_with_every_table_figure_and_answ
     for png in pngs:
         assert "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode() in page.images, png.name
     results = json.loads((finished_run / "results.json").read_text())
-    for attack in results["attacks"].values():  # one computed sentence per attack, plus the threat models'
+    for attack in results["attacks"].values():  # one computed sentence per attack
         assert attack["title"] + ": retrained on N=20" in page.answer, attack["title"]
-    assert page.answer.count("Threat models, ") == len(results["attacks"])
+    assert "Retrained on (largest N)" in page.answer and "autoattack@8/255 robust accuracy" in page.answer
+    for row in ("gap N=20", "deepfool N=20", "cw N=20", "fgsm N=20", "reference fgsm-rs"):  # the verdict table's rows
+        assert f"<td>{row}</td>" in text.split('class="verdicts"')[1].split("</table>")[0], row

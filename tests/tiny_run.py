@@ -24,6 +24,7 @@ TINY = [
     "attack.gap.holdout=40",
     "attack.pgd.steps=2",
     "attack.square.max_queries=100",
+    "attack.autoattack={steps: 10, queries: 100}",
     "threats.budgets=[0.07]",
     "fooling.per_class=4",
     "fooling.steps=20",

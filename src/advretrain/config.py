@@ -111,6 +111,19 @@ class AdversarialTraining(Frozen):
         return 1.25 * self.eps if self.method == "fgsm-rs" else self.eps / 4
 
 
+class ReferenceDefence(AdversarialTraining):
+    """The reference defence of the `reference-defence` experiment: the config's model and recipe adversarially
+    trained from scratch, or — where that costs too much — f0 adversarially fine-tuned (Jeddi et al. 2020)."""
+
+    finetune_epochs: int | None = Field(
+        None, ge=1, description="None: trained from scratch; k: f0 fine-tuned k epochs (at retrain.finetune_lr)"
+    )
+
+    def training(self) -> AdversarialTraining:
+        """What each training batch is replaced by."""
+        return AdversarialTraining(**self.model_dump(exclude={"finetune_epochs"}))
+
+
 class TrainConfig(Frozen):
     # METHOD.md 1.1 (VGG16 on CIFAR-10): SGD, momentum 0.9, wd 5e-4, batch 128, lr 0.05, cosine, ~100 epochs.
     epochs: int = Field(100, ge=1, description="passes over the training set")
@@ -147,6 +160,28 @@ class TrainConfig(Frozen):
         if epochs is not None and len(sizes) >= epochs:
             raise ValueError(f"{len(sizes)} sizes for {epochs} epochs: the last epoch must train at the data's size")
         return sizes
+
+    def finetuning(self, epochs: int, lr_share: float) -> TrainConfig:
+        """This recipe as a fine-tuning of a trained model: `epochs` at the data's size (no progressive resizing),
+        no warm-up, from `lr_share` of the peak learning rates (SGD's and Muon's) down on the same schedule."""
+        return self.model_copy(
+            update={
+                "epochs": epochs,
+                "progressive_sizes": [],
+                "warmup_epochs": 0.0,
+                "lr": self.lr * lr_share,
+                "muon_lr": self.muon_lr * lr_share,
+            }
+        )
+
+    def updated(self, changes: dict[str, Any], where: str) -> TrainConfig:
+        """This recipe with some keys changed (a surrogate's budget, say), validated; an error names `where`."""
+        try:
+            return TrainConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}.{key}: {str(err['msg']).removeprefix('Value error, ')}") from exc
 
 
 class TrainJob(Frozen):
@@ -218,6 +253,10 @@ class RetrainConfig(Frozen):
         return sizes
 
     finetune_epochs: int = Field(5, ge=1, description="epochs when fine-tuning")
+    # A fine-tuning starts from a trained model: the recipe's peak rate would first undo much of what it learned.
+    finetune_lr: float = Field(
+        0.1, gt=0, le=1, description="a fine-tuning's peak learning rate: this share of the recipe's"
+    )
     labels: Literal["oracle", "knn"] = Field("oracle", description="labels of adversarial training images")
     # Not in the paper (METHOD.md 5): does the defence hold when the attacker answers the retrained model?
     rounds: int = Field(1, ge=1, description="arms race: attack → retrain repeated; rounds after the first: largest N")
@@ -238,12 +277,29 @@ def _query_attack(name: str) -> str:
     return name
 
 
-class ThreatConfig(Frozen):
-    """Not in the paper (METHOD.md 2.6, 2.7, 5 item 9): attackers without the gradients of the model they attack.
+def _white_box_attack(name: str) -> str:
+    from .attacks import get_attack
 
-    Each attack below runs against f0 and every retrained f1 at its own budget and at each of `budgets`; empty lists
-    switch the threat-model table off.
+    spec = get_attack(_known_attack(name))
+    if spec.fitted:
+        raise ValueError(
+            f"{name} is fitted to each model (the protocol refits it as its adaptive column); list another"
+        )
+    return name
+
+
+class ThreatConfig(Frozen):
+    """Not in the paper (METHOD.md 2.6, 2.7, 2.8, 5 items 9 and 14): how f0 and every retrained f1 fare against the
+    field's standard white-box evaluation (AutoAttack) and attackers without their gradients.
+
+    Query and transfer attacks run at their own budget and at each of `budgets`; white-box evaluations at their own
+    (the field's standard). Empty lists switch the threat-model table off.
     """
+
+    white_box: list[Annotated[str, AfterValidator(_white_box_attack)]] = Field(
+        default_factory=lambda: ["autoattack"],
+        description="white-box evaluations run against each model (AutoAttack: the field's standard, Croce & Hein)",
+    )
 
     query: list[Annotated[str, AfterValidator(_query_attack)]] = Field(
         default_factory=lambda: ["square"], description="query-only attacks, run against each model's outputs"
@@ -257,6 +313,16 @@ class ThreatConfig(Frozen):
     )
     surrogate_model: str | None = Field(None, description="the surrogate's model (None: the config's model)")
     surrogate_seed: int | None = Field(None, description="the surrogate's training seed (None: train.seed + 1)")
+    surrogate_train: dict[str, Any] = Field(
+        default_factory=dict, description="keys of `train` the attacker's recipe changes (its budget), e.g. {epochs: 4}"
+    )
+
+    @field_validator("surrogate_train")
+    @classmethod
+    def _no_seed(cls, changes: dict[str, Any]) -> dict[str, Any]:
+        if "seed" in changes:
+            raise ValueError("the surrogate's seed is threats.surrogate_seed; remove seed from surrogate_train")
+        return changes
 
     @field_validator("surrogate_model")
     @classmethod
@@ -265,7 +331,7 @@ class ThreatConfig(Frozen):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.query or self.transfer)
+        return bool(self.white_box or self.query or self.transfer)
 
 
 # The evaluation the paper omits (METHOD.md 2.5, 5 items 3, 7, 10-13), each switched on by its name in `experiments`.
@@ -331,7 +397,7 @@ class ExperimentConfig(Frozen):
     sweep: SweepConfig = SweepConfig()
     curves: CurvesConfig = CurvesConfig()
     # The CPU profiles' choice; paper profiles: method pgd
-    defence: AdversarialTraining = Field(AdversarialTraining(), description="the reference defence's training")
+    defence: ReferenceDefence = Field(ReferenceDefence(), description="the reference defence's training")
     test_images: int | None = Field(None, ge=1, description="test images attacked (None: the whole test split)")
     pgd_eval: bool = Field(True, description="also report each retrained model's PGD accuracy")
     figure_images: int = Field(8, ge=1, description="images per original-vs-adversarial figure")
@@ -345,6 +411,11 @@ class ExperimentConfig(Frozen):
         if len(set(names)) != len(names):
             raise ValueError("a name is listed twice; list each once")
         return names
+
+    @model_validator(mode="after")
+    def _surrogate_recipe_is_valid(self) -> ExperimentConfig:
+        self.train.updated(self.threats.surrogate_train, "threats.surrogate_train")
+        return self
 
     @model_validator(mode="after")
     def _surrogate_differs(self) -> ExperimentConfig:

@@ -65,9 +65,22 @@ def initial_fr(attack: str, fam: str) -> float | None:
     return None if values is None else values[1 if fam == "tiny" else 0]
 
 
-def retrain_row(attack: str, fam: str, n: int) -> tuple[float, float, float] | None:
+# The training sets the paper's N are counted against: a run on a subset compares at the same share of its own.
+TRAIN_SIZE = {"cifar": 50000, "tiny": 100000}
+
+
+def retrain_row(attack: str, fam: str, n: int, train_size: int) -> tuple[int | None, tuple[float, float, float]] | None:
+    """The paper's row for N adversarial images of a training set of `train_size`: the row at the same N, else at
+    the same share of the paper's training set (within a percentage point), else its whole-training-set row
+    (DeepFool, C&W). Returns (the paper's N, its figures); the N is None for a whole-training-set row."""
     rows = RETRAIN.get((attack, fam), {})
-    return rows.get(n, rows.get(None))
+    if n in rows:
+        return n, rows[n]
+    share = n / max(train_size, 1)
+    for paper_n, figures in rows.items():
+        if paper_n is not None and abs(paper_n / TRAIN_SIZE[fam] - share) <= 0.01:
+            return paper_n, figures
+    return (None, rows[None]) if None in rows else None
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,23 @@ from . import __version__, paper
 from .attacks.registry import slug
 from .errors import AdvretrainError
 from .report_evaluation import evaluation_figure_files, evaluation_figures, evaluation_sections, evaluation_summary
-from .report_format import fr_acc, markdown, pyplot, save_figure
-from .results import AttackResults, Results, ThreatModels
+from .report_format import in_table_order, markdown, pct, pyplot, save_figure
+from .report_threats import THREATS_FIGURE, outcome, robust_accuracy, threats_figure, threats_section, verdict_table
+from .results import AttackResults, Results
 from .runtime.io import read_safetensors, write_text
 
 
-def pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+def paper_cell(name: str, fam: str, n: int, train_size: int) -> str:
+    """The paper's figures for this row, with the paper's N where it matched by share of the training set."""
+    found = paper.retrain_row(name, fam, n, train_size)
+    if found is None:
+        return "—"
+    paper_n, figures = found
+    cell = " / ".join(f"{v:g}%" for v in figures)
+    return cell if paper_n in (None, n) else f"{cell} (N={paper_n:,} of {paper.TRAIN_SIZE[fam]:,})"
 
 
-def table_rows(name: str, attack: AttackResults, fam: str) -> tuple[list[str], list[list[str]]]:
+def table_rows(name: str, attack: AttackResults, fam: str, train_size: int) -> tuple[list[str], list[list[str]]]:
     """One paper table: our numbers, the paper's beside them ("—" where it has none), and the columns an honest
     evaluation adds."""
     paper_fr_is_replay = attack.threat == "universal"  # the paper replays GAP's perturbation, re-attacks the rest
@@ -51,7 +58,6 @@ def table_rows(name: str, attack: AttackResults, fam: str) -> tuple[list[str], l
     for row in attack.retrain:
         adaptive, replay = row.adaptive, row.replay
         convention = replay if paper_fr_is_replay else adaptive
-        ref = paper.retrain_row(name, fam, row.n)
         rows.append(
             [
                 str(row.n),
@@ -64,7 +70,7 @@ def table_rows(name: str, attack: AttackResults, fam: str) -> tuple[list[str], l
                 pct(adaptive["fooling_ratio_8bit"]),
                 fmt_l2(adaptive.get("l2_median")),
                 pct(row.pgd_accuracy),
-                " / ".join(f"{v:g}%" for v in ref) if ref else "—",
+                paper_cell(name, fam, row.n, train_size),
             ]
         )
     return header, rows
@@ -121,12 +127,6 @@ def csv_cells(table: str, name: str, header: list[str], rows: list[list[str]]) -
     return [[table, name, row[0], col, value] for row in rows for col, value in zip(header[1:], row[1:], strict=True)]
 
 
-def in_table_order(results: Results, fam: str) -> list[tuple[str, AttackResults]]:
-    """The paper's tables by number, then every other attack in the run's order."""
-    unnumbered = len(paper.TABLE_NUMBERS) + 1
-    return sorted(results.attacks.items(), key=lambda item: paper.table_number(item[0], fam) or unnumbered)
-
-
 # A generator whose outputs are this saturated has a vanished gradient: its perturbation froze (METHOD.md 2.1).
 FROZEN = 0.9
 
@@ -149,11 +149,11 @@ def fit_lines(attack: AttackResults) -> list[str]:
     return lines
 
 
-def attack_section(name: str, attack: AttackResults, fam: str) -> tuple[list[str], list[list[str]]]:
+def attack_section(name: str, attack: AttackResults, fam: str, train_size: int) -> tuple[list[str], list[list[str]]]:
     """One attack's Markdown section (its table, findings and any arms race) and its CSV rows."""
     number = paper.table_number(name, fam)
     table = str(number) if number is not None else "—"
-    header, rows = table_rows(name, attack, fam)
+    header, rows = table_rows(name, attack, fam, train_size)
     init = attack.initial
     paper_fr = paper.initial_fr(name, fam)
     paper_init = "—" if paper_fr is None else f"{paper_fr:g}%"
@@ -225,82 +225,6 @@ def labels_section(results: Results, fam: str) -> tuple[list[str], list[list[str
     return md, cells
 
 
-# A threat is "stopped" when retraining leaves at most a quarter of the fooling ratio it had against f0, and
-# "weakened" when at most three quarters: coarse on purpose, so that a sentence never hangs on noise.
-STOPPED, WEAKENED = 0.25, 0.75
-
-
-def outcome(before: float, after: float) -> str:
-    """What retraining did to a threat, from its fooling ratio against f0 and against the retrained model."""
-    return "stopped" if after <= STOPPED * before else "weakened" if after <= WEAKENED * before else "did not stop"
-
-
-def threat_rows(results: Results, threats: ThreatModels, fam: str) -> tuple[list[str], list[list[str]]]:
-    header = ["Model", "replayed f0-adversarials", "adaptive white-box (GAP: refitted)"]
-    header += [probe.key for probe in threats.probes]
-    rows = [["f0", *map(fr_acc, [None, None, *(threats.f0.get(p.key) for p in threats.probes)])]]
-    for name, attack in in_table_order(results, fam):
-        for row in attack.retrain:
-            measured = threats.retrained.get(name, {}).get(row.n, {})
-            cells = [row.replay, row.adaptive, *(measured.get(p.key) for p in threats.probes)]
-            rows.append([f"f1 {name} N={row.n}", *map(fr_acc, cells)])
-    for label, measured in threats.others.items():  # e.g. the reference defence: nothing replayed or adapted
-        rows.append([label, *map(fr_acc, [None, None, *(measured.get(p.key) for p in threats.probes)])])
-    return header, rows
-
-
-def verdicts(name: str, attack: AttackResults, threats: ThreatModels) -> str:
-    """One sentence: which threats retraining on this attack (its largest N) stopped, weakened or left standing."""
-    row = max(attack.retrain, key=lambda r: r.n)
-    measured = threats.retrained.get(name, {}).get(row.n, {})
-    before_after = [
-        ("replayed f0-adversarials", attack.initial, row.replay),
-        (
-            "the attack rerun against it" if attack.threat != "universal" else "GAP refitted",
-            attack.initial,
-            row.adaptive,
-        ),
-        *((p.key, threats.f0.get(p.key), measured.get(p.key)) for p in threats.probes),
-    ]
-    groups: dict[str, list[str]] = {"stopped": [], "weakened": [], "did not stop": []}
-    for what, f0, f1 in before_after:
-        if f0 is None or f1 is None or f0["fooling_ratio"] == 0:
-            continue
-        fr0, fr1 = f0["fooling_ratio"], f1["fooling_ratio"]
-        groups[outcome(fr0, fr1)].append(f"{what} ({100 * fr0:.1f}% → {100 * fr1:.1f}%)")
-    said = "; ".join(f"{verdict} {', '.join(items)}" for verdict, items in groups.items() if items)
-    return f"**{name}**, retrained on N={row.n}: {said or 'nothing fooled f0 to begin with'}."
-
-
-def threats_section(results: Results, fam: str) -> tuple[list[str], list[list[str]]]:
-    """The threat-model table (not in the paper): every model under white-box, query and transfer attackers."""
-    threats = results.threats
-    if threats is None:
-        return [], []
-    header, rows = threat_rows(results, threats, fam)
-    surrogate = threats.surrogate
-    md = ["## Threat models: what retraining stops (not in the paper)\n"]
-    md.append(
-        "Each cell: fooling ratio / accuracy under attack (%), on the attacked test images. Replayed and adaptive: "
-        "the attack the model was retrained on. Query attacks see only the model's outputs; transfer sets are "
-        "crafted once against a surrogate the attacker trained"
-        + (
-            f" ({surrogate['model']}, seed {surrogate['seed']}, clean test accuracy {pct(surrogate['test_accuracy'])})"
-            if surrogate
-            else ""
-        )
-        + " and submitted unchanged. Budgets are in [0,1] pixels, L-inf where a column names no other norm.\n"
-    )
-    md.append(markdown(header, rows) + "\n")
-    md.append(
-        f"A threat counts as stopped when the retrained model's fooling ratio is at most {STOPPED:g}× f0's, "
-        f"weakened at most {WEAKENED:g}×.\n"
-    )
-    md += [f"- {verdicts(name, attack, threats)}" for name, attack in in_table_order(results, fam)]
-    md.append("")
-    return md, csv_cells("threats", "threats", header, rows)
-
-
 def build_tables(results: Results) -> tuple[str, list[list[str]]]:
     fam = paper.family(results.dataset, results.classes)
     md = [
@@ -313,7 +237,7 @@ def build_tables(results: Results) -> tuple[str, list[list[str]]]:
     ]
     csv_rows = [["table", "attack", "row", "column", "value"]]
     for name, attack in in_table_order(results, fam):
-        section, cells = attack_section(name, attack, fam)
+        section, cells = attack_section(name, attack, fam, results.train_images)
         md += section
         csv_rows += cells
     section, cells = labels_section(results, fam)
@@ -418,9 +342,7 @@ def summary(results: Results) -> list[str]:
             f"{verdict(first, adaptive)} the attack {rerun} against it ({pct(adaptive)}); clean accuracy "
             f"{pct(results.baseline_accuracy)} → {pct(row.clean_accuracy)}{pgd}."
         )
-    if results.threats is not None:
-        out += [f"Threat models, {verdicts(name, a, results.threats)}" for name, a in in_table_order(results, fam)]
-    return out + evaluation_summary(results)
+    return out + robust_accuracy(results) + evaluation_summary(results)
 
 
 def markdown_html(text: str) -> str:
@@ -444,6 +366,8 @@ def figure_list(results: Results, run_dir: Path) -> list[dict[str, str]]:
                 {"file": f"figure_{slug(name)}_perturbation.png", "caption": f"{attack.title}: the one perturbation"}
             )
     figures.append({"file": "figure_vs_n.png", "caption": "Fooling ratio and accuracy against N"})
+    if results.threats is not None:
+        figures.append({"file": THREATS_FIGURE, "caption": "Threat models: what retraining stopped, per model"})
     figures += [{"file": file, "caption": caption} for file, caption in evaluation_figure_files(results)]
     return [{**f, "uri": inline_png(run_dir / f["file"])} for f in figures]
 
@@ -466,6 +390,7 @@ def html_report(results: Results, tables_md: str, run_dir: Path) -> str:
         title=f"{results.model} on {results.dataset}",
         results=results,
         baseline=pct(results.baseline_accuracy),
+        verdicts=markdown_html(verdict_table(results, paper.family(results.dataset, results.classes))),
         summary=[markdown_html(s).removeprefix("<p>").removesuffix("</p>") for s in summary(results)],
         tables=markdown_html(tables_md),
         figures=figure_list(results, run_dir),
@@ -504,5 +429,6 @@ def write_report(run_dir: Path) -> None:
     for name, attack in results.attacks.items():
         grid_figure(name, attack.title, figures[name], run_dir)
     curves_figure(results, run_dir)
+    threats_figure(results, pyplot(), run_dir)
     evaluation_figures(results, pyplot(), run_dir)
     write_text(run_dir / "report.html", html_report(results, md, run_dir))

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from .results import Metrics
+from . import paper
+from .results import AttackResults, Metrics, Results
 from .runtime.io import atomic_path
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def in_table_order(results: Results, fam: str) -> list[tuple[str, AttackResults]]:
+    """The paper's tables by number, then every other attack in the run's order."""
+    unnumbered = len(paper.TABLE_NUMBERS) + 1
+    return sorted(results.attacks.items(), key=lambda item: paper.table_number(item[0], fam) or unnumbered)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
 def fr_acc(metrics: Metrics | None) -> str:

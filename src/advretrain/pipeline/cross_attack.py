@@ -14,28 +14,68 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import torch
 
 from ..advset import AdversarialSet
 from ..attacks import ROBUSTNESS_ATTACK, get_attack
+from ..checkpoint import load_model, train_resumable
+from ..config import TrainConfig
 from ..data import ImageDataset, to_float
 from ..metrics import attack_metrics, predict
+from ..models import Classifier
 from ..results import Curve, Metrics
-from .stages import Run, Trained, attacked_set, baseline, cached_stage, digest, set_queries, set_targets
+from .stages import (
+    Run,
+    Trained,
+    attacked_set,
+    baseline,
+    cached_stage,
+    digest,
+    member_shares,
+    set_queries,
+    set_targets,
+)
 
 log = logging.getLogger("advretrain.pipeline")
 
 
-def reference_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
-    """The config's model and recipe, trained on adversarial batches (`defence`): the field's baseline defence."""
-    recipe = run.cfg.train.model_copy(update={"adversarial": run.cfg.defence})
+def reference_stage(run: Run, f0: Trained, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
+    """The config's model and recipe, trained on adversarial batches (`defence`): the field's baseline defence; or,
+    with `defence.finetune_epochs`, f0 fine-tuned on adversarial batches."""
+    defence = run.cfg.defence
+    if defence.finetune_epochs is not None:
+        recipe = run.cfg.train.finetuning(defence.finetune_epochs, run.cfg.retrain.finetune_lr)
+        return finetuned(run, f0, train_set, test_set, recipe.model_copy(update={"adversarial": defence.training()}))
+    recipe = run.cfg.train.model_copy(update={"adversarial": defence.training()})
     model = run.cfg.model.model_copy(update={"checkpoint": None})  # trained here even when f0 was given
     return baseline(run, train_set, test_set, model, recipe, "reference")
 
 
+def finetuned(run: Run, f0: Trained, train_set: ImageDataset, test_set: ImageDataset, recipe: TrainConfig) -> Trained:
+    """f0 trained further with `recipe` on the clean training set (its adversarial batches, for the defence)."""
+    key = digest(f0.key, recipe)
+    folder = run.stage(f"reference-{key}")
+
+    def compute() -> Classifier:
+        log.info("reference: f0 fine-tuned for %d epochs on adversarial batches → %s", recipe.epochs, folder)
+        model = load_model(f0.folder, "cpu", builder=run.cfg.model.name)
+        args = (run.device, folder, test_set, run.progress, run.cfg.compile, False)  # no fresh initialisation
+        return train_resumable(model, train_set, recipe, *args).model
+
+    def record(_: Classifier) -> dict[str, Any]:
+        return {"test_accuracy": json.loads((folder / "metrics.json").read_text()).get("test_accuracy")}
+
+    def reuse(_: dict[str, Any]) -> Classifier:
+        return load_model(folder, run.device, builder=run.cfg.model.name)
+
+    return Trained(cached_stage(run, "reference", "reference", folder, compute, record, reuse), key, folder)
+
+
 def reference_label(run: Run) -> str:
-    return f"reference {run.cfg.defence.method}"
+    tuned = run.cfg.defence.finetune_epochs
+    return f"reference {run.cfg.defence.method}" + ("" if tuned is None else f" (f0 fine-tuned {tuned} ep.)")
 
 
 def defence_record(run: Run, reference: Trained) -> dict[str, object]:
@@ -48,6 +88,7 @@ def defence_record(run: Run, reference: Trained) -> dict[str, object]:
         "eps": defence.eps,
         "step_size": defence.alpha,
         "steps": 1 if defence.method == "fgsm-rs" else defence.steps,
+        "finetune_epochs": defence.finetune_epochs,
         "test_accuracy": accuracy,
     }
 
@@ -63,7 +104,9 @@ def cell_metrics(
     """What the protocol reports for the same set: targeted success where the attack aims, queries where it counts."""
     spec = get_attack(name)
     targets, queries = set_targets(spec, crafted), set_queries(spec, crafted)
-    return attack_metrics(model.model, clean, crafted.adversarial, labels, targets, bs, queries)
+    return attack_metrics(model.model, clean, crafted.adversarial, labels, targets, bs, queries) | member_shares(
+        spec, crafted
+    )
 
 
 def cross_row(

@@ -58,7 +58,9 @@ def fooling_experiment(
     cfg, seed, bs = run.cfg.fooling, run.cfg.train.seed, run.cfg.train.eval_batch_size
     c = train_set.num_classes
     shape: tuple[int, int, int] = tuple(train_set.images.shape[1:])  # type: ignore[assignment]
-    key = digest(cfg, f0.key, run.cfg.labeler, run.cfg.retrain.mode, run.cfg.retrain.finetune_epochs)
+    retrain = run.cfg.retrain
+    lr = (retrain.finetune_lr,) if retrain.mode == "finetune" else ()
+    key = digest(cfg, f0.key, run.cfg.labeler, retrain.mode, retrain.finetune_epochs, *lr)
     folder = run.stage(f"fooling-{key}")
 
     def compute() -> dict[str, Any]:

@@ -216,7 +216,7 @@ def protocol(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Resul
     done = {name: attack_experiment(run, name, f0, labeler, fooling, train_set, test_eval) for name in cfg.attacks}
     retrained = {name: models for name, (_, models, _) in done.items()}
     on = set(cfg.experiments)
-    reference = reference_stage(run, train_set, test_set) if "reference-defence" in on else None
+    reference = reference_stage(run, f0, train_set, test_set) if "reference-defence" in on else None
     others = {} if reference is None else {reference_label(run): reference}
     threats = (
         threat_experiment(run, f0, retrained, train_set, test_set, test_eval, others) if cfg.threats.enabled else None

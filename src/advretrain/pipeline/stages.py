@@ -252,6 +252,13 @@ def set_queries(spec: AttackSpec, adversarial_set: AdversarialSet) -> torch.Tens
     return adversarial_set.iterations if counted else None
 
 
+def member_shares(spec: AttackSpec, adversarial_set: AdversarialSet) -> dict[str, float]:
+    """An ensemble's (AutoAttack's) share of the images each member broke, by the member's name; {} for others."""
+    names: tuple[str, ...] = getattr(spec.cls, "MEMBERS", ())
+    member = adversarial_set.member
+    return {f"broken_by_{name}": float((member == k).float().mean()) for k, name in enumerate(names) if len(member)}
+
+
 @dataclass
 class AttackArtifacts:
     spec: AttackSpec
@@ -332,7 +339,10 @@ def retrain_stage(
     """
     cfg, name = run.cfg, parts[0][0].name
     retrain = cfg.retrain
-    key = digest(*(art.key for art, _ in parts), n, retrain.mode, retrain.labels, retrain.finetune_epochs, start.key)
+    lr = (retrain.finetune_lr,) if retrain.mode == "finetune" else ()  # (a scratch run's key as before it existed)
+    key = digest(
+        *(art.key for art, _ in parts), n, retrain.mode, retrain.labels, retrain.finetune_epochs, start.key, *lr
+    )
     folder = run.stage(f"retrain-{slug(name)}{tag}-N{n}-{key}")
     label = f"retrain {name}{tag} N={n}"
 
@@ -366,7 +376,7 @@ def retrained_model(run: Run, mixed: ImageDataset, start: Trained, folder: Path,
         model = load_model(start.folder, "cpu", builder=cfg.model.name)
         extra = mixed.num_classes - model.spec.num_classes
         model = grow_head(model, extra) if extra > 0 else model
-        recipe = cfg.train.model_copy(update={"epochs": cfg.retrain.finetune_epochs})
+        recipe = cfg.train.finetuning(cfg.retrain.finetune_epochs, cfg.retrain.finetune_lr)
     args = (run.device, folder, None, run.progress, cfg.compile, cfg.retrain.mode == "scratch")
     return train_resumable(model, mixed, recipe, *args, on_record=partial(run.tracker.epoch, label)).model
 

@@ -23,7 +23,7 @@ from ..config import ExperimentConfig, ModelConfig, TrainConfig
 from ..data import ImageDataset, to_float
 from ..metrics import attack_metrics
 from ..results import Metrics, Probe, ThreatModels
-from .stages import Run, Trained, baseline, cached_stage, craft, digest, fitted_attack
+from .stages import Run, Trained, baseline, cached_stage, craft, digest, fitted_attack, member_shares, set_queries
 
 log = logging.getLogger("advretrain.pipeline")
 
@@ -59,12 +59,14 @@ def budget_suffix(settings: dict[str, Any], eps: float | None) -> str:
 
 
 def probes(cfg: ExperimentConfig) -> list[Probe]:
-    """Every (attack, budget) column: query attacks first, then transfer attacks, each at ascending budgets."""
+    """Every (attack, budget) column: white-box evaluations at their own budget, then query attacks, then transfer
+    attacks, each at ascending budgets."""
     out: list[Probe] = []
-    for kind, names in (("query", cfg.threats.query), ("transfer", cfg.threats.transfer)):
+    threats = cfg.threats
+    for kind, names in (("white-box", threats.white_box), ("query", threats.query), ("transfer", threats.transfer)):
         for name in names:
             settings = get_attack(name).configure(cfg.attack.get(name)).model_dump(mode="json")
-            for eps in budgets_for(settings, cfg.threats.budgets):
+            for eps in budgets_for(settings, [] if kind == "white-box" else threats.budgets):
                 at = settings if eps is None or eps == settings["eps"] else at_budget(settings, eps)
                 key = ("transfer " if kind == "transfer" else "") + name + budget_suffix(settings, eps)
                 out.append(Probe(key, kind, name, at, eps))
@@ -72,11 +74,12 @@ def probes(cfg: ExperimentConfig) -> list[Probe]:
 
 
 def surrogate_recipe(cfg: ExperimentConfig) -> tuple[ModelConfig, TrainConfig]:
-    """The attacker's own model and recipe: the configured ones (or `threats.surrogate_model`) with another seed,
-    trained here, never the user's f0 checkpoint."""
+    """The attacker's own model and recipe: the configured ones (or `threats.surrogate_model`, and the recipe with
+    `threats.surrogate_train`'s changes) with another seed, trained here, never the user's f0 checkpoint."""
     seed = cfg.train.seed + 1 if cfg.threats.surrogate_seed is None else cfg.threats.surrogate_seed
     model = cfg.model.model_copy(update={"name": cfg.threats.surrogate_model or cfg.model.name, "checkpoint": None})
-    return model, cfg.train.model_copy(update={"seed": seed})
+    recipe = cfg.train.updated(cfg.threats.surrogate_train, "threats.surrogate_train")
+    return model, recipe.model_copy(update={"seed": seed})
 
 
 def surrogate_stage(run: Run, train_set: ImageDataset, test_set: ImageDataset) -> Trained:
@@ -113,7 +116,8 @@ def threat_stage(
     sets: dict[str, AdversarialSet],
     test_eval: ImageDataset,
 ) -> dict[str, Metrics]:
-    """`model` under every probe: query attacks crafted against it (resumable sets), transfer sets replayed."""
+    """`model` under every probe: white-box and query attacks crafted against it (resumable sets), transfer sets
+    replayed."""
     keys = [(p.key, p.settings) for p in probe_list]
     folder = run.stage(f"threats-{model.key}-{digest(keys, *(sets[k].meta for k in sorted(sets)), len(test_eval))}")
     clean, labels, bs = to_float(test_eval.images), test_eval.labels, run.cfg.train.eval_batch_size
@@ -121,13 +125,17 @@ def threat_stage(
     def measure(probe: Probe) -> Metrics:
         if probe.kind == "transfer":
             return attack_metrics(model.model, clean, sets[probe.key].adversarial, labels, batch_size=bs)
-        attack = get_attack(probe.attack).build(probe.settings, progress=run.progress)
+        spec = get_attack(probe.attack)
+        attack = spec.build(probe.settings, progress=run.progress)
         meta = {"attack": probe.attack, "params": probe.settings, "split": "test", "against": model.key}
         everything = torch.arange(len(labels))
         crafted = craft(
             attack, model.model, test_eval.images, labels, everything, folder / f"{slug(probe.key)}.advset", meta
         )
-        return attack_metrics(model.model, clean, crafted.adversarial, labels, None, bs, crafted.iterations)
+        queries = set_queries(spec, crafted)
+        return attack_metrics(model.model, clean, crafted.adversarial, labels, None, bs, queries) | member_shares(
+            spec, crafted
+        )
 
     def compute() -> dict[str, Metrics]:
         log.info("threat models: %s under %s", label, ", ".join(p.key for p in probe_list))

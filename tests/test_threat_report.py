@@ -1,0 +1,53 @@
+"""The threat models in the report: one rule gives the table's sentences, the answer's verdict table, AutoAttack's
+robust-accuracy sentence and the heatmap's marks, on a record whose verdicts are known by construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advretrain.report_format import pyplot
+from advretrain.report_threats import grid, robust_accuracy, threats_figure, verdict_table, verdicts
+from advretrain.results import AttackResults, Probe, Results, RetrainRow, ThreatModels
+
+
+def cell(fr: float, acc: float) -> dict[str, float]:
+    return {"fooling_ratio": fr, "adversarial_accuracy": acc, "fooling_ratio_8bit": fr, "success_on_correct": fr}
+
+
+def record() -> Results:
+    """f0 fooled 80% by each probe; the f1 of FGSM: 10% (stopped), 50% (weakened), 70% (not stopped)."""
+    probes = [
+        Probe("autoattack@8/255", "white-box", "autoattack", {"eps": 8 / 255}, 8 / 255),
+        Probe("square@8/255", "query", "square", {"eps": 8 / 255}, 8 / 255),
+        Probe("transfer pgd@8/255", "transfer", "pgd", {"eps": 8 / 255}, 8 / 255),
+    ]
+    row = RetrainRow(100, 0.6, 0.5, cell(0.15, 0.5), cell(0.9, 0.05), None)
+    attack = AttackResults("FGSM", "white-box", {}, cell(0.8, 0.1), {}, [row])
+    threats = ThreatModels(
+        {},
+        probes,
+        {p.key: cell(0.8, 0.1) for p in probes},
+        {"fgsm": {100: {p.key: cell(fr, 0.3) for p, fr in zip(probes, (0.1, 0.5, 0.7), strict=True)}}},
+        {"reference fgsm-rs": {p.key: cell(fr, 0.4) for p, fr in zip(probes, (0.3, 0.9, 0.1), strict=True)}},
+    )
+    return Results("cifar10-sample", 10, "small", 100, 10, 0.6, "scratch", "oracle", {"fgsm": attack}, threats)
+
+
+def test_every_view_of_the_threat_models_gives_the_same_verdicts(tmp_path: Path) -> None:
+    results = record()
+    assert results.threats is not None
+    table = verdict_table(results, "cifar").splitlines()
+    assert table[2] == "| fgsm N=100 | stopped | not stopped | stopped | weakened | not stopped |"
+    assert table[3] == "| reference fgsm-rs | — | — | weakened | not stopped | stopped |"
+    sentence = verdicts(results, results.threats, "fgsm", results.attacks["fgsm"], "cifar")
+    assert "stopped replayed f0-adversarials (80.0% → 15.0%), autoattack@8/255 (80.0% → 10.0%)" in sentence
+    assert "weakened square@8/255 (80.0% → 50.0%)" in sentence
+    assert "did not stop the attack rerun against it (80.0% → 90.0%), transfer pgd@8/255 (80.0% → 70.0%)" in sentence
+    assert robust_accuracy(results) == [
+        "**autoattack@8/255** robust accuracy (every member failed): f0 10.00%, f1 fgsm N=100 30.00%, "
+        "reference fgsm-rs 40.00%."
+    ]
+    columns, rows = grid(results, results.threats, "cifar")
+    assert [r.label for r in rows] == ["f0", "f1 fgsm N=100", "reference fgsm-rs"] and len(columns) == 5
+    threats_figure(results, pyplot(), tmp_path)
+    assert (tmp_path / "figure_threats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
