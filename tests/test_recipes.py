@@ -3,6 +3,7 @@ defence — what the CPU profiles use where a training from scratch costs too mu
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -78,3 +79,23 @@ def test_finetuned_retraining_surrogate_and_reference_start_from_what_they_shoul
         assert all(torch.equal(a, b) for a, b in zip(starts[str(folder)], f0, strict=True)), f"{kind}: not from f0"
     assert results.evaluation.defence is not None and results.evaluation.defence["finetune_epochs"] == 2
     assert "reference fgsm-rs (f0 fine-tuned 2 ep.)" in results.evaluation.cross  # type: ignore[operator]
+
+
+def test_amp_cpu_trains_in_bf16_only_where_the_cpu_computes_it_natively(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    train = importlib.import_module("advretrain.train")
+    cpu, a = torch.device("cpu"), torch.ones(4, 4)
+    on, off = TrainConfig(amp_cpu=True), TrainConfig(amp_cpu=False)
+    train.native_cpu_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with train.training_autocast(cpu, on):
+        assert (a @ a).dtype == torch.bfloat16
+    with train.training_autocast(cpu, off):
+        assert (a @ a).dtype == torch.float32
+    train.native_cpu_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with caplog.at_level("WARNING"), train.training_autocast(cpu, on):
+        assert (a @ a).dtype == torch.float32
+    assert "no native bf16" in caplog.text
+    train.native_cpu_bf16.cache_clear()

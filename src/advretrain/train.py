@@ -10,6 +10,7 @@ global batch's mean. BatchNorm statistics stay per rank (DDP's default; SyncBatc
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -187,6 +188,25 @@ def check_recipe(model: Classifier, cfg: TrainConfig) -> None:
         require_image_size(model.spec.name, size, "raise train.progressive_sizes")
 
 
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX), as oneDNN sees it; said once when not."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    if not native:
+        log.warning("train.amp_cpu: this CPU has no native bf16 (it would be emulated, slower); training in float32")
+    return native
+
+
+def training_autocast(device: torch.device, cfg: TrainConfig) -> Any:
+    """The training step's precision: bf16 autocast on CUDA (`amp`), and on a CPU with native bf16 (`amp_cpu`)."""
+    if device.type == "cpu" and cfg.amp_cpu and native_cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast(device, cfg.amp)
+
+
 def _optimizer_and_schedule(
     model: nn.Module, cfg: TrainConfig, n: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -244,7 +264,7 @@ def _train_epoch(
         part = block(idx.numel())  # this rank's contiguous part of it (all of it on one process)
         x, y = x[part.start : part.stop], labels[idx][part.start : part.stop]
         if cfg.adversarial is not None:  # the reference defence: train on the batch's adversarials instead
-            with autocast(device, cfg.amp):
+            with training_autocast(device, cfg):
                 x = adversarial_batch(unwrapped(model), x, y, cfg.adversarial, gen)
         totals += _step(model, x, y, idx.numel(), cfg, optimizer, scheduler)
         seen += idx.numel()
@@ -305,7 +325,7 @@ def _step(
     """One SGD step on this rank's part of a global batch; returns (loss · images / world, correct) of the part."""
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device, cfg.amp):
+    with training_autocast(x.device, cfg):
         logits = model(x)
         cross_entropy = partial(F.cross_entropy, logits.float(), y, label_smoothing=cfg.label_smoothing)
         loss = global_batch_mean(cross_entropy, global_batch)
