@@ -11,6 +11,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
+import advretrain.labeler as labeler_module
 from advretrain.fooling import fooling_images, noise_images
 from advretrain.labeler import KNNLabeler, LabelerError, fit_pca, knn, label_report
 from advretrain.runtime.io import read_safetensors, save_state
@@ -69,6 +70,30 @@ def test_pca_matches_scikit_learn() -> None:
     assert np.allclose(mean.numpy(), sk.mean_, atol=1e-6)
     ours = ((flat - mean) @ components).numpy()
     assert np.allclose(ours, sk.transform(flat.double().numpy()), atol=1e-4)
+
+
+def test_a_uint8_reference_set_is_read_in_float_blocks_with_the_float_sets_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 101,000-image TinyImageNet set is 1.2 GB as uint8 and 5 GB as float32: the labeler keeps it uint8 and makes
+    # float blocks of at most CHUNK rows; the fit equals the fit on the float copy, held-out rows included.
+    monkeypatch.setattr(labeler_module, "CHUNK", 64)  # several blocks, a partial last one
+    x, y = low_rank_images(403)
+    pixels = (x * 255).round().to(torch.uint8)
+    blocks: list[int] = []
+    to_float = labeler_module.to_float
+    monkeypatch.setattr(labeler_module, "to_float", lambda part: blocks.append(part.shape[0]) or to_float(part))
+    small = KNNLabeler(pca_dims=6, fooling_percentile=99).fit(pixels, y)
+    assert blocks and max(blocks) <= 64
+    monkeypatch.setattr(labeler_module, "to_float", to_float)
+    whole = KNNLabeler(pca_dims=6, fooling_percentile=99).fit(pixels.float() / 255, y)
+    assert small.mean is not None and whole.mean is not None and small.components is not None
+    assert torch.allclose(small.mean, whole.mean, atol=1e-6)
+    assert torch.allclose(small.components.abs(), whole.components.abs(), atol=1e-4)  # signs are a convention
+    assert small.threshold == pytest.approx(whole.threshold, rel=1e-4)
+    queries, truth = low_rank_images(100, seed=3)
+    assert torch.equal(small.predict(queries), whole.predict(queries))
+    assert torch.equal(small.predict_parts(queries)[1], truth)  # the vote; a 99th-percentile flag may take one
 
 
 def test_fooling_threshold_hits_its_percentile_on_held_out_data() -> None:

@@ -23,23 +23,36 @@ class LabelerError(AdvretrainError):
     """Invalid labeler input or state."""
 
 
+CHUNK = 8192  # images per float32 block: bounds every float copy of a reference set (12,288 values: 400 MB)
+
+
 def flatten(images: torch.Tensor, values: int | None = None) -> torch.Tensor:
-    """uint8 or [0,1] float N×C×H×W → float32 N×D in [0,1]; NaN, out-of-range or misshapen images are refused, and
-    so is a D other than `values` (the reference set's)."""
+    """uint8 or [0,1] float N×C×H×W → N×D, uint8 kept as uint8 (a quarter of float32's memory: 1.2 GB, not 5, for
+    TinyImageNet's 101,000 images); `block` makes the float32 [0,1] rows. NaN, out-of-range or misshapen images are
+    refused, and so is a D other than `values` (the reference set's)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise LabelerError(f"labeler: images must be an N×C×H×W tensor, got {shape}")
-    x = to_float(images)
-    if not bool(torch.isfinite(x).all()):
-        raise LabelerError("labeler: images hold NaN or inf; check the data or the attack that produced them")
-    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise LabelerError("labeler: float images must lie in [0,1]; divide uint8 images by 255")
-    x = x.flatten(1)  # N×D, also for N = 0
+    x = images.flatten(1)  # N×D, also for N = 0; a view of a contiguous set
+    if x.dtype != torch.uint8:
+        x = x.float()  # no copy for float32
+        for start in range(0, x.shape[0], CHUNK):
+            part = x[start : start + CHUNK]
+            if not bool(torch.isfinite(part).all()):
+                raise LabelerError("labeler: images hold NaN or inf; check the data or the attack that produced them")
+            if part.numel() and (float(part.min()) < 0 or float(part.max()) > 1):
+                raise LabelerError("labeler: float images must lie in [0,1]; divide uint8 images by 255")
     if values is not None and x.shape[1] != values:
         raise LabelerError(
             f"labeler: images of {x.shape[1]} values, the reference set's have {values}; resize them to its size"
         )
     return x
+
+
+def block(x: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 [0,1] rows start..start+CHUNK of a flattened set (of `rows`, an index into it, when given)."""
+    part = x[start : start + CHUNK] if rows is None else x[rows[start : start + CHUNK].to(x.device)]
+    return to_float(part)
 
 
 def gram(chunk: torch.Tensor) -> torch.Tensor:
@@ -51,19 +64,29 @@ def gram(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.T @ chunk
 
 
-def fit_pca(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D) and the top `dims` principal directions (D×dims), by eigh of the covariance: right when N ≫ D.
+def mean_of(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean image (D, float32) of a flattened set's `rows` (all by default), summed over blocks in float64."""
+    n = x.shape[0] if rows is None else rows.numel()
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, n, CHUNK):
+        total += block(x, start, rows).sum(0, dtype=torch.float64)
+    return (total / max(1, n)).float()
 
-    Each chunk's Gram matrix is a float32 GEMM on centred data and the eigendecomposition is float32, as
-    scikit-learn's covariance_eigh does (float64 eigh measured 2x slower for the same top components); the chunks
+
+def fit_pca(x: torch.Tensor, dims: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D) and the top `dims` principal directions (D×dims) of x's `rows` (all by default), by eigh of the
+    covariance: right when N ≫ D. x is flattened (uint8 or float, see `flatten`) and read in float blocks.
+
+    Each block's Gram matrix is a float32 GEMM on centred data and the eigendecomposition is float32, as
+    scikit-learn's covariance_eigh does (float64 eigh measured 2x slower for the same top components); the blocks
     are summed in float64.
     """
-    mean = x.mean(0, dtype=torch.float64).float()
+    n = x.shape[0] if rows is None else rows.numel()
+    mean = mean_of(x, rows)
     cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], 8192):  # chunks bound the centred copy
-        chunk = x[start : start + 8192] - mean
-        cov += gram(chunk).double()
-    cov /= max(1, x.shape[0] - 1)
+    for start in range(0, n, CHUNK):
+        cov += gram(block(x, start, rows) - mean).double()
+    cov /= max(1, n - 1)
     _, vectors = torch.linalg.eigh(cov.float())  # ascending eigenvalues
     components = vectors[:, -dims:].flip(1)  # D×dims, largest first
     # Sign convention (as scikit-learn's svd_flip): the largest-magnitude entry of each component is positive.
@@ -188,7 +211,7 @@ class KNNLabeler:
                 f"labeler: pca_dims {self.pca_dims} exceeds what {x.shape[0]} images of {x.shape[1]} values allow "
                 f"({limit}); lower pca_dims"
             )
-        fit_rows = torch.arange(x.shape[0])
+        fit_rows = torch.arange(x.shape[0])  # PCA's rows: all, or all but the held-out ones
         calibration = None
         if self.fooling_percentile is not None:
             if holdout is not None:
@@ -205,9 +228,9 @@ class KNNLabeler:
                         "threshold (a fifth is held out); give at least 5 images, a holdout set, or no percentile"
                     )
                 order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))
-                fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold]]
-        fit_x = x if fit_rows.numel() == x.shape[0] else x[fit_rows.to(x.device)]  # no copy unless holding out
-        self.mean, self.components = fit_pca(fit_x, self.pca_dims)
+                fit_rows, calibration = order[n_hold:].sort().values, x[order[:n_hold].to(x.device)]
+        all_rows = fit_rows.numel() == x.shape[0]
+        self.mean, self.components = fit_pca(x, self.pca_dims, None if all_rows else fit_rows)
         self.ref_features = self.project(x)
         self.ref_labels = labels.to(self.device).long()
         self.num_classes = int(labels.max()) + 1
@@ -228,19 +251,20 @@ class KNNLabeler:
         return self.mean, self.components
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened [0,1] N×D → PCA coordinates N×pca_dims, in chunks: no centred copy of all of x."""
+        """Flattened N×D (see `flatten`) → PCA coordinates N×pca_dims, in float blocks: no float copy of all of x."""
         mean, components = self._basis()
-        chunks = [(x[i : i + 8192].to(self.device) - mean) @ components for i in range(0, x.shape[0], 8192)]
+        chunks = [(block(x, i).to(self.device) - mean) @ components for i in range(0, x.shape[0], CHUNK)]
         return torch.cat(chunks) if chunks else torch.empty(0, components.shape[1], device=self.device)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """PCA reconstruction residual ||(x − μ) − P Pᵀ(x − μ)|| per image (N), the out-of-distribution score."""
         mean, components = self._basis()
-        centred = x.to(self.device) - mean
-        coords = centred @ components
-        # Computed as a difference of vectors, not as ||c||² − ||Pᵀc||²: that difference of large numbers cancels.
-        residual: torch.Tensor = (centred - coords @ components.T).norm(dim=1)
-        return residual
+        norms = []
+        for i in range(0, x.shape[0], CHUNK):
+            centred = block(x, i).to(self.device) - mean  # CHUNK×D
+            # A difference of vectors, not ||c||² − ||Pᵀc||²: that difference of large numbers cancels.
+            norms.append((centred - (centred @ components) @ components.T).norm(dim=1))
+        return torch.cat(norms) if norms else torch.empty(0, device=self.device)
 
     def _search(self, queries: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.backend == "faiss":

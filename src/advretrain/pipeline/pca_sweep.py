@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..data import ImageDataset
-from ..labeler import fit_pca, flatten, knn, vote
+from ..labeler import CHUNK, block, fit_pca, flatten, knn, mean_of, vote
 from ..results import Metrics, SweepRow
 from .stages import AttackArtifacts, Run, cached_stage, digest
 
@@ -46,7 +46,7 @@ def fits(x: torch.Tensor, points: list[int | str]) -> dict[int | str, Fit]:
     out: dict[int | str, Fit] = {}
     for d in points:  # the pixel space: its own mean (distances need no basis), no fit
         out[d] = (
-            (x.mean(0), None, 0.0) if fitted is None or d == "full" else (fitted[0], fitted[1][:, : int(d)], seconds)
+            (mean_of(x), None, 0.0) if fitted is None or d == "full" else (fitted[0], fitted[1][:, : int(d)], seconds)
         )
     return out
 
@@ -63,9 +63,10 @@ def sweep_point(
     """One PCA size: every attack's sets labelled at every k."""
     mean, basis, fit_seconds = fit
 
-    def project(flat: torch.Tensor) -> torch.Tensor:  # N×D → N×dims (the pixel space: N×D, centred)
-        centred = flat.to(mean.device) - mean
-        return centred if basis is None else centred @ basis
+    def project(flat: torch.Tensor) -> torch.Tensor:  # N×D (uint8 or float) → N×dims (the pixel space: N×D, centred)
+        parts = [block(flat, start).to(mean.device) - mean for start in range(0, flat.shape[0], CHUNK)]
+        parts = parts if basis is None else [part @ basis for part in parts]
+        return torch.cat(parts) if parts else torch.empty(0, mean.numel() if basis is None else basis.shape[1])
 
     started = time.perf_counter()
     refs = project(x)
