@@ -40,7 +40,9 @@ def test_every_view_of_the_threat_models_gives_the_same_verdicts(tmp_path: Path)
     assert table[2] == "| fgsm N=100 | stopped | not stopped | stopped | weakened | not stopped |"
     assert table[3] == "| reference fgsm-rs | — | — | weakened | not stopped | stopped |"
     sentence = verdicts(results, results.threats, "fgsm", results.attacks["fgsm"], "cifar")
-    assert "stopped replayed f0-adversarials (80.0% → 15.0%), autoattack@8/255 (80.0% → 10.0%)" in sentence
+    assert (
+        "stopped replayed f0-adversarials (80.0% → 15.0%), autoattack@8/255 (80.0% → 10.0% of the correctly" in sentence
+    )
     assert "weakened square@8/255 (80.0% → 50.0%)" in sentence
     assert "did not stop the attack rerun against it (80.0% → 90.0%), transfer pgd@8/255 (80.0% → 70.0%)" in sentence
     assert robust_accuracy(results) == [
@@ -51,3 +53,20 @@ def test_every_view_of_the_threat_models_gives_the_same_verdicts(tmp_path: Path)
     assert [r.label for r in rows] == ["f0", "f1 fgsm N=100", "reference fgsm-rs"] and len(columns) == 5
     threats_figure(results, pyplot(), tmp_path)
     assert (tmp_path / "figure_threats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_white_box_verdict_compares_the_correctly_classified_images_broken() -> None:
+    # AutoAttack leaves misclassified images as they are: a model at 26% clean accuracy with every correct image
+    # broken has a fooling ratio of 26% against f0's 35% (a "weakened" by fooling ratio) and 0% robust accuracy.
+    results = record()
+    assert results.threats is not None
+    key = "autoattack@8/255"
+    results.threats.f0[key] = {**cell(0.35, 0.0), "success_on_correct": 1.0}
+    results.threats.others["reference fgsm-rs"][key] = {**cell(0.26, 0.003), "success_on_correct": 0.988}
+    results.threats.retrained["fgsm"][100][key] = {**cell(0.38, 0.0), "success_on_correct": 1.0}
+    table = verdict_table(results, "cifar").splitlines()
+    assert table[2].split(" | ")[3] == "not stopped" and table[3].split(" | ")[3] == "not stopped"
+    sentence = verdicts(results, results.threats, "fgsm", results.attacks["fgsm"], "cifar")
+    assert "autoattack@8/255 (100.0% → 100.0% of the correctly classified broken)" in sentence
+    square = grid(results, results.threats, "cifar")[1][1].keys[3]
+    assert square == "fooling_ratio"  # query and transfer attacks still compare fooling ratios

@@ -20,6 +20,10 @@ from .results import AttackResults, Metrics, Results, ThreatModels
 # "weakened" when at most three quarters: coarse on purpose, so that a sentence never hangs on noise.
 STOPPED, WEAKENED = 0.25, 0.75
 REPLAYED, ADAPTIVE = "replayed f0-adversarials", "adaptive white-box (GAP: refitted)"
+# What a cell's verdict compares. A white-box evaluation (AutoAttack) leaves misclassified images as they are, so its
+# fooling ratio is capped by clean accuracy and a less accurate model would look "weakened" while every image it
+# classified correctly was broken: there the share of correctly classified images broken is compared instead.
+FOOLED, BROKEN = "fooling_ratio", "success_on_correct"
 
 
 def outcome(before: float, after: float) -> str:
@@ -36,29 +40,33 @@ class GridRow:
     attack: str | None
     cells: list[Metrics | None]
     before: list[Metrics | None]
+    keys: list[str]  # per column, the metric the verdict compares (FOOLED or BROKEN)
 
 
 def grid(results: Results, threats: ThreatModels, fam: str) -> tuple[list[str], list[GridRow]]:
     """Columns (replayed, adaptive, every probe) and rows (f0, every f1, the other models such as the reference)."""
     columns = [REPLAYED, ADAPTIVE, *(p.key for p in threats.probes)]
+    keys = [FOOLED, FOOLED, *(BROKEN if p.kind == "white-box" else FOOLED for p in threats.probes)]
     f0_probes: list[Metrics | None] = [threats.f0.get(p.key) for p in threats.probes]
-    rows = [GridRow("f0", None, [None, None, *f0_probes], [None] * len(columns))]
+    rows = [GridRow("f0", None, [None, None, *f0_probes], [None] * len(columns), keys)]
     for name, attack in in_table_order(results, fam):
         for row in attack.retrain:
             measured = threats.retrained.get(name, {}).get(row.n, {})
             cells = [row.replay, row.adaptive, *(measured.get(p.key) for p in threats.probes)]
-            rows.append(GridRow(f"f1 {name} N={row.n}", name, cells, [attack.initial, attack.initial, *f0_probes]))
+            before = [attack.initial, attack.initial, *f0_probes]
+            rows.append(GridRow(f"f1 {name} N={row.n}", name, cells, before, keys))
     for label, measured in threats.others.items():  # the reference defence: nothing replayed or adapted
         cells = [None, None, *(measured.get(p.key) for p in threats.probes)]
-        rows.append(GridRow(label, None, cells, [None, None, *f0_probes]))
+        rows.append(GridRow(label, None, cells, [None, None, *f0_probes], keys))
     return columns, rows
 
 
-def cell_outcome(before: Metrics | None, after: Metrics | None) -> str | None:
-    """The verdict of one cell, None where there is nothing to compare (f0 itself, or f0 never fooled)."""
-    if before is None or after is None or before["fooling_ratio"] == 0:
+def cell_outcome(before: Metrics | None, after: Metrics | None, key: str = FOOLED) -> str | None:
+    """The verdict of one cell on metric `key`, None where there is nothing to compare (f0 itself, or f0 never
+    fooled)."""
+    if before is None or after is None or before[key] == 0:
         return None
-    return outcome(before["fooling_ratio"], after["fooling_ratio"])
+    return outcome(before[key], after[key])
 
 
 def threat_rows(results: Results, threats: ThreatModels, fam: str) -> tuple[list[str], list[list[str]]]:
@@ -76,11 +84,11 @@ def verdicts(results: Results, threats: ThreatModels, name: str, attack: AttackR
         "the attack rerun against it" if attack.threat != "universal" else "GAP refitted",
     ]
     groups: dict[str, list[str]] = {"stopped": [], "weakened": [], "did not stop": []}
-    for what, before, after in zip([*named, *columns[2:]], row.before, row.cells, strict=True):
-        verdict = cell_outcome(before, after)
+    for what, before, after, key in zip([*named, *columns[2:]], row.before, row.cells, row.keys, strict=True):
+        verdict = cell_outcome(before, after, key)
         if verdict is not None and before is not None and after is not None:
-            fr0, fr1 = before["fooling_ratio"], after["fooling_ratio"]
-            groups[verdict].append(f"{what} ({100 * fr0:.1f}% → {100 * fr1:.1f}%)")
+            share = " of the correctly classified broken" if key == BROKEN else ""
+            groups[verdict].append(f"{what} ({100 * before[key]:.1f}% → {100 * after[key]:.1f}%{share})")
     said = "; ".join(f"{verdict} {', '.join(items)}" for verdict, items in groups.items() if items)
     return f"**{name}**, retrained on N={n}: {said or 'nothing fooled f0 to begin with'}."
 
@@ -108,7 +116,8 @@ def threats_section(results: Results, fam: str) -> tuple[list[str], list[list[st
     md.append(markdown(header, rows) + "\n")
     md.append(
         f"A threat counts as stopped when the retrained model's fooling ratio is at most {STOPPED:g}× f0's, "
-        f"weakened at most {WEAKENED:g}×.\n"
+        f"weakened at most {WEAKENED:g}×; for white-box evaluations, which leave misclassified images as they are, "
+        "the share of correctly classified images broken is compared instead.\n"
     )
     md += [f"- {verdicts(results, threats, name, attack, fam)}" for name, attack in in_table_order(results, fam)]
     md.append("")
@@ -136,7 +145,10 @@ def verdict_table(results: Results, fam: str) -> str:
     body = [
         [
             row.label.removeprefix("f1 "),
-            *(SHORT.get(cell_outcome(b, a) or "", "—") for b, a in zip(row.before, row.cells, strict=True)),
+            *(
+                SHORT.get(cell_outcome(b, a, k) or "", "—")
+                for b, a, k in zip(row.before, row.cells, row.keys, strict=True)
+            ),
         ]
         for row in shown
     ]
@@ -167,26 +179,27 @@ MARKS = {"stopped": "S", "weakened": "W", "did not stop": "✗"}
 
 
 def threats_figure(results: Results, plt: Any, out: Path) -> None:
-    """The threat-model table as a picture: models × threats, colour = fooling ratio, each cell marked S (stopped),
-    W (weakened) or ✗ (not stopped) by the verdict rule; grey where nothing was measured."""
+    """The threat-model table as a picture: models × threats, colour = the verdict's metric (fooling ratio; for
+    white-box evaluations the share of correctly classified images broken), each cell marked S (stopped), W
+    (weakened) or ✗ (not stopped) by the verdict rule; grey where nothing was measured."""
     threats = results.threats
     if threats is None:
         return
     columns, rows = grid(results, threats, paper.family(results.dataset, results.classes))
-    values = [[math.nan if c is None else c["fooling_ratio"] for c in row.cells] for row in rows]
+    values = [[math.nan if c is None else c[k] for c, k in zip(row.cells, row.keys, strict=True)] for row in rows]
     fig, ax = plt.subplots(figsize=(1.15 * len(columns) + 2.6, 0.42 * len(rows) + 1.8))
     cmap = plt.get_cmap("RdYlGn_r").with_extremes(bad="#e4e6ea")  # grey: not measured
     image = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(rows):
-        for j, (before, after) in enumerate(zip(row.before, row.cells, strict=True)):
+        for j, (before, after, key) in enumerate(zip(row.before, row.cells, row.keys, strict=True)):
             if after is None:
                 continue
-            mark = MARKS.get(cell_outcome(before, after) or "", "")
-            ax.text(j, i, f"{100 * after['fooling_ratio']:.0f}%\n{mark}".strip(), ha="center", va="center", fontsize=7)
+            mark = MARKS.get(cell_outcome(before, after, key) or "", "")
+            ax.text(j, i, f"{100 * after[key]:.0f}%\n{mark}".strip(), ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(columns)), [c.replace(" (GAP: refitted)", "").replace(" ", "\n", 1) for c in columns])
     ax.set_yticks(range(len(rows)), [row.label for row in rows])
     ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=ax, fraction=0.025, label="fooling ratio")
+    fig.colorbar(image, ax=ax, fraction=0.025, label="fooling ratio (white-box: share of correct broken)")
     ax.set_title("Threat models: fooling ratio per model; S stopped, W weakened, ✗ not stopped (vs f0)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / THREATS_FIGURE)
