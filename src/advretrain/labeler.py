@@ -73,6 +73,14 @@ def mean_of(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     return (total / max(1, n)).float()
 
 
+def project(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Flattened N×D (see `flatten`) → centred coordinates on `basis` (D×d; None: the pixel space), N×d on mean's
+    device, in float blocks: no float copy of all of x."""
+    parts = [block(x, start).to(mean.device) - mean for start in range(0, x.shape[0], CHUNK)]
+    parts = parts if basis is None else [part @ basis for part in parts]
+    return torch.cat(parts) if parts else torch.empty(0, mean.numel() if basis is None else basis.shape[1])
+
+
 def fit_pca(x: torch.Tensor, dims: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D) and the top `dims` principal directions (D×dims) of x's `rows` (all by default), by eigh of the
     covariance: right when N ≫ D. x is flattened (uint8 or float, see `flatten`) and read in float blocks.
@@ -252,9 +260,7 @@ class KNNLabeler:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened N×D (see `flatten`) → PCA coordinates N×pca_dims, in float blocks: no float copy of all of x."""
-        mean, components = self._basis()
-        chunks = [(block(x, i).to(self.device) - mean) @ components for i in range(0, x.shape[0], CHUNK)]
-        return torch.cat(chunks) if chunks else torch.empty(0, components.shape[1], device=self.device)
+        return project(x, *self._basis())
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """PCA reconstruction residual ||(x − μ) − P Pᵀ(x − μ)|| per image (N), the out-of-distribution score."""

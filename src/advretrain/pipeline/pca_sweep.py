@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..data import ImageDataset
-from ..labeler import CHUNK, block, fit_pca, flatten, knn, mean_of, vote
+from ..labeler import fit_pca, flatten, knn, mean_of, project, vote
 from ..results import Metrics, SweepRow
 from .stages import AttackArtifacts, Run, cached_stage, digest
 
@@ -63,18 +63,14 @@ def sweep_point(
     """One PCA size: every attack's sets labelled at every k."""
     mean, basis, fit_seconds = fit
 
-    def project(flat: torch.Tensor) -> torch.Tensor:  # N×D (uint8 or float) → N×dims (the pixel space: N×D, centred)
-        parts = [block(flat, start).to(mean.device) - mean for start in range(0, flat.shape[0], CHUNK)]
-        parts = parts if basis is None else [part @ basis for part in parts]
-        return torch.cat(parts) if parts else torch.empty(0, mean.numel() if basis is None else basis.shape[1])
-
     started = time.perf_counter()
-    refs = project(x)
+    refs = project(x, mean, basis)
     metrics: dict[int, Metrics] = {k: {} for k in ks}
     vote_seconds = dict.fromkeys(ks, 0.0)
     for art in arts:
         for part, adversarial_set in (("train_source", art.pool), ("test_source", art.static)):
-            distances, indices = knn(project(flatten(adversarial_set.adversarial, x.shape[1])), refs, max(ks))
+            queries = project(flatten(adversarial_set.adversarial, x.shape[1]), mean, basis)
+            distances, indices = knn(queries, refs, max(ks))
             # training-source: is the nearest reference the clean source itself?
             found = indices[:, 0].cpu() == adversarial_set.indices.cpu()
             for k in ks:
