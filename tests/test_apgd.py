@@ -142,7 +142,7 @@ def test_autoattack_counts_an_image_robust_only_when_every_member_failed() -> No
     y = torch.tensor([0, 0, 0, 0, 0, 1])  # image 5 is misclassified before any attack
     ensemble = AutoAttack()
     first, second, third = Member({1}), Member({2, 3}), Member({3, 4})
-    ensemble.members = [first, second, third]
+    ensemble.attacks = [first, second, third]
     result = ensemble(Constant(), x, y)
     assert first.seen.tolist() == [0, 1, 2, 3, 4]  # every correctly classified image
     assert second.seen.tolist() == [0, 2, 3, 4]  # only what the first left
@@ -162,5 +162,5 @@ def test_autoattack_is_at_least_as_strong_as_each_member(
     ensemble = AutoAttack(eps=eps, steps=20, queries=200)(model, x, y)
     robust = accuracy(model, ensemble, y)
     assert robust <= accuracy(model, APGD(eps=eps, steps=20)(model, x, y), y)
-    assert ensemble.member is not None and set(ensemble.member.tolist()) <= {-1, 0, 1, 2}
+    assert ensemble.member is not None and set(ensemble.member.tolist()) <= {-1, 0, 1, 2, 3}
     assert robust == pytest.approx(float((~ensemble.success).float().mean()))

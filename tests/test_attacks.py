@@ -213,6 +213,7 @@ FAST: dict[str, dict[str, float | int]] = {
     "square": {"eps": 0.05, "max_queries": 50},
     "apgd-ce": {"eps": 0.05, "steps": 10},
     "apgd-t": {"eps": 0.05, "steps": 10, "targets": 3},
+    "fab-t": {"eps": 0.05, "steps": 10, "targets": 3},
     "autoattack": {"eps": 0.05, "steps": 10, "targets": 3, "queries": 50},
 }
 
@@ -272,7 +273,9 @@ def test_out_of_range_or_misshapen_input_is_rejected() -> None:
 
 
 def test_registry_builds_every_attack_by_name() -> None:
-    assert set(ATTACKS) == {"fgsm", "deepfool", "cw", "gap", "pgd", "square", "apgd-ce", "apgd-t", "autoattack"}
+    assert set(ATTACKS) == {
+        *("fgsm", "deepfool", "cw", "gap", "pgd", "square", "apgd-ce", "apgd-t", "fab-t", "autoattack")
+    }
     assert build_attack("fgsm").eps == 0.07 and build_attack("pgd").steps == 10
     assert build_attack("cw").binary_search_steps == 9 and build_attack("deepfool").overshoot == 0.02
     assert build_attack("gap").eps == pytest.approx(10 / 255)

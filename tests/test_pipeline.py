@@ -161,7 +161,7 @@ def test_threat_model_table_has_every_model_and_probe(finished_run: Path) -> Non
         assert measured["square@8/255"]["linf_median"] <= 8 / 255 + 1e-6  # NaN (nothing fooled) fails too
         assert 1 <= measured["square@8/255"]["queries_median"] <= 100  # queries counted, within the budget
         autoattack = measured["autoattack@8/255"]
-        broken = sum(autoattack[f"broken_by_{m}"] for m in ("apgd-ce", "apgd-t", "square"))
+        broken = sum(autoattack[f"broken_by_{m}"] for m in ("apgd-ce", "apgd-t", "fab-t", "square"))
         # every image is robust, broken by one member, or misclassified before the attack
         assert broken == pytest.approx(autoattack["clean_accuracy"] - autoattack["adversarial_accuracy"], abs=1e-6)
         assert autoattack["linf_median"] <= 8 / 255 + 1e-6

@@ -1,5 +1,5 @@
-"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, Square, APGD and AutoAttack, as specs in one
-registry.
+"""The paper's attacks (FGSM, DeepFool, Carlini-Wagner L2, GAP) plus PGD, Square, APGD, FAB-T and AutoAttack, as specs
+in one registry.
 
 >>> from advretrain.attacks import ATTACKS, build_attack
 >>> ATTACKS["fgsm"].threat
@@ -18,6 +18,7 @@ from .autoattack import AutoAttack
 from .base import AttackError, AttackResult, check_inputs, frozen
 from .carlini_wagner import CW_PROFILES, CarliniWagnerL2
 from .deepfool import DeepFool
+from .fab import FABT
 from .gap import GAP, ResnetGenerator
 from .gradient import FGSM, PGD
 from .registry import (
@@ -50,7 +51,8 @@ register_attack("pgd", PGD, title="PGD (L-inf, 8/255)")
 register_attack("square", Square, title="Square (query-only black-box, L-inf 8/255)", threat="query")
 register_attack("apgd-ce", APGD, title="APGD-CE (Auto-PGD, cross-entropy, L-inf 8/255)")
 register_attack("apgd-t", APGDT, title="APGD-T (Auto-PGD, targeted DLR, 9 targets, L-inf 8/255)")
-register_attack("autoattack", AutoAttack, title="AutoAttack (APGD-CE, APGD-T, Square; L-inf 8/255)")
+register_attack("fab-t", FABT, title="FAB-T (targeted fast adaptive boundary, 9 targets, L-inf 8/255)")
+register_attack("autoattack", AutoAttack, title="AutoAttack (APGD-CE, APGD-T, FAB-T, Square; L-inf 8/255)")
 
 PAPER_ATTACKS: tuple[str, ...] = ("gap", "deepfool", "cw", "fgsm")  # the protocol's default: the paper's four
 ROBUSTNESS_ATTACK = "pgd"  # the standard check that a retrained model is robust rather than masking its gradients
@@ -60,6 +62,7 @@ __all__ = [
     "APGDT",
     "ATTACKS",
     "CW_PROFILES",
+    "FABT",
     "FGSM",
     "GAP",
     "PAPER_ATTACKS",

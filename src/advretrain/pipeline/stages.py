@@ -253,8 +253,10 @@ def set_queries(spec: AttackSpec, adversarial_set: AdversarialSet) -> torch.Tens
 
 
 def member_shares(spec: AttackSpec, adversarial_set: AdversarialSet) -> dict[str, float]:
-    """An ensemble's (AutoAttack's) share of the images each member broke, by the member's name; {} for others."""
-    names: tuple[str, ...] = getattr(spec.cls, "MEMBERS", ())
+    """An ensemble's (AutoAttack's) share of the images each member broke, by the member's name (the `members`
+    setting the set was crafted with); {} for other attacks."""
+    settings = spec.configure(adversarial_set.meta.get("params")).model_dump()
+    names: tuple[str, ...] = tuple(settings.get("members", ()))
     member = adversarial_set.member
     return {f"broken_by_{name}": float((member == k).float().mean()) for k, name in enumerate(names) if len(member)}
 
