@@ -276,6 +276,6 @@ def test_report_html_is_one_self_contained_page_with_every_table_figure_and_answ
     results = json.loads((finished_run / "results.json").read_text())
     for attack in results["attacks"].values():  # one computed sentence per attack
         assert attack["title"] + ": retrained on N=20" in page.answer, attack["title"]
-    assert "Retrained on (largest N)" in page.answer and "autoattack@8/255 robust accuracy" in page.answer
+    assert "Threat / retrained on (largest N)" in page.answer and "autoattack@8/255 robust accuracy" in page.answer
     for row in ("gap N=20", "deepfool N=20", "cw N=20", "fgsm N=20", "reference fgsm-rs"):  # the verdict table's rows
         assert f"<td>{row}</td>" in text.split('class="verdicts"')[1].split("</table>")[0], row

@@ -133,24 +133,23 @@ SHORT = {"stopped": "stopped", "weakened": "weakened", "did not stop": "not stop
 
 
 def verdict_table(results: Results, fam: str) -> str:
-    """The answer's opening: per retrained model (each attack's largest N) and the reference, each threat's verdict
-    as a word (Markdown); "" without threat models."""
+    """The answer's opening: per threat (a row) the verdict for each retrained model (each attack's largest N) and
+    the reference (a column), as a word (Markdown); "" without threat models. Threats run down the page: a run may
+    have a dozen, and a row per threat keeps the table as wide as the few models."""
     threats = results.threats
     if threats is None:
         return ""
     columns, rows = grid(results, threats, fam)
     largest = {name: f"f1 {name} N={max(r.n for r in a.retrain)}" for name, a in results.attacks.items()}
     shown = [r for r in rows if r.label in largest.values() or (r.attack is None and r.label != "f0")]
-    header = ["Retrained on (largest N)", "f0's adversarials replayed", "the attack rerun", *columns[2:]]
+    threat_names = ["f0's adversarials replayed", "the attack rerun", *columns[2:]]
+    header = ["Threat / retrained on (largest N)", *(row.label.removeprefix("f1 ") for row in shown)]
     body = [
         [
-            row.label.removeprefix("f1 "),
-            *(
-                SHORT.get(cell_outcome(b, a, k) or "", "—")
-                for b, a, k in zip(row.before, row.cells, row.keys, strict=True)
-            ),
+            name,
+            *(SHORT.get(cell_outcome(row.before[j], row.cells[j], row.keys[j]) or "", "—") for row in shown),
         ]
-        for row in shown
+        for j, name in enumerate(threat_names)
     ]
     return markdown(header, body)
 
