@@ -277,5 +277,8 @@ def test_report_html_is_one_self_contained_page_with_every_table_figure_and_answ
     for attack in results["attacks"].values():  # one computed sentence per attack
         assert attack["title"] + ": retrained on N=20" in page.answer, attack["title"]
     assert "Threat / retrained on (largest N)" in page.answer and "autoattack@8/255 robust accuracy" in page.answer
-    for row in ("gap N=20", "deepfool N=20", "cw N=20", "fgsm N=20", "reference fgsm-rs"):  # the verdict table's rows
-        assert f"<td>{row}</td>" in text.split('class="verdicts"')[1].split("</table>")[0], row
+    verdicts = text.split('class="verdicts"')[1].split("</table>")[0]
+    for model in ("gap N=20", "deepfool N=20", "cw N=20", "fgsm N=20", "reference fgsm-rs"):  # a column per model
+        assert f"<th>{model}</th>" in verdicts, model
+    for threat in ("the attack rerun", "autoattack@8/255", "square@8/255"):  # a row per threat
+        assert f"<td>{threat}</td>" in verdicts, threat
