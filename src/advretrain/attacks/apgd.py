@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import AttackError, AttackResult, Count, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, check_budget, logits_of, other_classes, run_batched
 from .square import draws, image_keys
 
 Norm = Literal["linf", "l2"]
@@ -237,12 +237,12 @@ class APGD:
         seed: int = 0,
         batch_size: Count = 512,
     ) -> None:
-        if norm not in ("linf", "l2") or loss not in ("ce", "dlr"):
-            raise AttackError(f"{self.name}: norm must be linf or l2 and loss ce or dlr (got {norm!r}, {loss!r})")
-        if not 0 < eps <= (1 if norm == "linf" else float("inf")) or steps < 1 or restarts < 1 or not 0 < rho < 1:
+        check_budget(self.name, norm, eps)
+        if loss not in ("ce", "dlr"):
+            raise AttackError(f"{self.name}: loss must be ce or dlr (got {loss!r})")
+        if steps < 1 or restarts < 1 or not 0 < rho < 1:
             raise AttackError(
-                f"{self.name}: need 0 < eps (<= 1 for linf), steps >= 1, restarts >= 1, 0 < rho < 1 "
-                f"(got {eps}, {steps}, {restarts}, {rho})"
+                f"{self.name}: need steps >= 1, restarts >= 1, 0 < rho < 1 (got {steps}, {restarts}, {rho})"
             )
         self.eps, self.norm, self.steps, self.loss = eps, norm, steps, loss
         self.restarts, self.rho, self.seed, self.batch_size = restarts, rho, seed, batch_size
@@ -309,6 +309,4 @@ class APGDT(APGD):
             raise AttackError(
                 f"apgd-t: the targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}"
             )
-        order = logits.argsort(1, descending=True)  # N×classes
-        k = min(self.targets, logits.shape[1] - 1)
-        return [order[:, rank] for rank in range(1, k + 1) for _ in range(self.restarts)]
+        return [target for target in other_classes(logits, self.targets) for _ in range(self.restarts)]

@@ -7,6 +7,7 @@ An attack is called as `attack(model, images, labels)` on float [0,1] N×C×H×W
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Annotated
@@ -78,6 +79,22 @@ def check_classes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
         classes = logits_of(model, images[:1].to(param.device, param.dtype)).shape[1]
     if int(labels.max()) >= classes:
         raise AttackError(f"label {int(labels.max())} is out of range for a model of {classes} classes")
+
+
+def check_budget(name: str, norm: str, eps: float) -> None:
+    """An L-inf or L2 budget: `norm` one of the two, 0 < eps, and eps <= 1 for L-inf (a pixel moves at most 1)."""
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"{name}: norm must be linf or l2 (got {norm!r})")
+    if not 0 < eps <= (1 if norm == "linf" else math.inf):
+        raise AttackError(f"{name}: eps must be > 0, and <= 1 for linf (got {eps})")
+
+
+def other_classes(logits: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The targets of a targeted ensemble member: the classes each image's clean logits (N×classes) rank 2nd, 3rd,
+    … (k+1)th, at most all the others, N each. Rank 1 is the image's own class where it is classified correctly, and
+    only those are attacked."""
+    order = logits.argsort(1, descending=True)
+    return [order[:, rank] for rank in range(1, min(k, logits.shape[1] - 1) + 1)]
 
 
 def empty_result(images: torch.Tensor) -> AttackResult:

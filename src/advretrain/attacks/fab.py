@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from .apgd import Norm
-from .base import AttackError, AttackResult, Count, logits_of, run_batched
+from .base import AttackError, AttackResult, Count, check_budget, logits_of, other_classes, run_batched
 
 
 def projection_linf(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,12 +193,9 @@ class FABT:
         beta: Annotated[float, Field(gt=0, lt=1)] = 0.9,
         batch_size: Count = 512,
     ) -> None:
-        if norm not in ("linf", "l2"):
-            raise AttackError(f"fab-t: norm must be linf or l2 (got {norm!r})")
-        if not 0 < eps <= (1 if norm == "linf" else float("inf")) or steps < 1 or targets < 1:
-            raise AttackError(
-                f"fab-t: need 0 < eps (<= 1 for linf), steps >= 1, targets >= 1 (got {eps}, {steps}, {targets})"
-            )
+        check_budget(self.name, norm, eps)
+        if steps < 1 or targets < 1:
+            raise AttackError(f"fab-t: need steps >= 1, targets >= 1 (got {steps}, {targets})")
         self.eps, self.norm, self.steps, self.targets = eps, norm, steps, targets
         self.alpha_max, self.eta, self.beta, self.batch_size = alpha_max, eta, beta, batch_size
 
@@ -210,13 +207,12 @@ class FABT:
             logits = logits_of(model, x0)
         adversarial = x0.clone()
         success = logits.argmax(1) != y  # misclassified already: nothing to attack
-        order = logits.argsort(1, descending=True)  # N×classes: rank 0 is the image's own class where it is correct
-        for rank in range(1, min(self.targets, logits.shape[1] - 1) + 1):
+        for targets in other_classes(logits, self.targets):  # in turn, each on the images no earlier one broke
             todo = (~success).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             found, broken = fab_targeted(
-                model, x0[todo], y[todo], order[todo, rank], eps=self.eps, norm=self.norm, steps=self.steps,
+                model, x0[todo], y[todo], targets[todo], eps=self.eps, norm=self.norm, steps=self.steps,
                 alpha_max=self.alpha_max, eta=self.eta, beta=self.beta,
             )  # fmt: skip
             adversarial[todo[broken]], success[todo[broken]] = found[broken], True

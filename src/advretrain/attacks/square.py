@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import AttackError, AttackResult, Count, logits_of, margin, run_batched
+from .base import AttackError, AttackResult, Count, check_budget, logits_of, margin, run_batched
 
 _MASK32 = 0xFFFFFFFF
 # p_init is halved at these shares of the query budget (in 1/10,000; the reference's schedule).
@@ -129,13 +129,9 @@ class Square:
         seed: int = 0,
         batch_size: Count = 512,
     ) -> None:
-        if norm not in ("linf", "l2"):
-            raise AttackError(f"square: norm must be 'linf' or 'l2' (got {norm!r})")
-        if not (0 < eps <= (1 if norm == "linf" else math.inf)) or max_queries < 1 or not (0 < p_init <= 1):
-            raise AttackError(
-                f"square: need 0 < eps (<= 1 for linf), max_queries >= 1, 0 < p_init <= 1 (got {eps}, {max_queries}, "
-                f"{p_init})"
-            )
+        check_budget("square", norm, eps)
+        if max_queries < 1 or not (0 < p_init <= 1):
+            raise AttackError(f"square: need max_queries >= 1, 0 < p_init <= 1 (got {max_queries}, {p_init})")
         if batch_size < 1:
             raise AttackError(f"square: batch_size must be >= 1 (got {batch_size})")
         self.eps, self.max_queries, self.p_init, self.norm = eps, max_queries, p_init, norm
